@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` runs the bundled demo, `make test` runs the tests.
+# Each installs what it needs (torch first, pinned so pip takes the local CPU wheel where there is one).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .make-installed
+
+.PHONY: demo test test-all lint format install clean
+
+$(STAMP): pyproject.toml
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	flexora run recipe=demo
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+test-all: $(STAMP)
+	$(PYTHON) -m pytest -q -m ""
+
+lint: $(STAMP)
+	ruff check flexora_cli tests scripts
+	ruff format --check flexora_cli tests scripts
+
+format: $(STAMP)
+	ruff format flexora_cli tests scripts
+	ruff check --fix flexora_cli tests scripts
+
+clean:
+	rm -rf runs $(STAMP) .pytest_cache .ruff_cache

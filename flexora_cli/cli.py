@@ -1,0 +1,147 @@
+"""`flexora <stage> [overrides]`: command line → Hydra config → `stages.<stage>.run(cfg)`.
+
+Hydra owns the command line after the stage name (overrides, --cfg, --help, -m). Before handing
+over, plain override lists are composed once here so that a config error is one `error:` line
+with exit code 2 instead of Hydra's multi-line report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from flexora_cli import __version__
+from flexora_cli.errors import ConfigError, FlexoraError
+
+STAGES = {
+    "search": ("flexora_cli.stages.search", "fit one gate α̂ per layer and write the ranking"),
+    "select": ("flexora_cli.stages.select", "pick layers from the ranking (or select.layers=[...]|all)"),
+    "finetune": ("flexora_cli.stages.finetune", "train fresh LoRA on the selected layers only"),
+    "eval": ("flexora_cli.stages.evaluate", "accuracy of the base model and of the adapter"),
+    "run": ("flexora_cli.stages.run", "all four stages, skipping those already complete"),
+}
+# Hydra flags that take a value, so the value is not mistaken for an override.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+# Flags after which the pre-check is left to Hydra (help, sweeps, other config sources).
+_HYDRA_OWNED = {"--help", "-h", "--hydra-help", "--multirun", "-m", "--info", "-i", "--config-path", "-cp",
+                "--config-name", "-cn", "--config-dir", "-cd", "--shell-completion", "-sc", "--version"}
+
+
+def recipes_dir() -> Path:
+    """recipes/ beside the package in a source checkout, else the copy installed in the package."""
+    source = Path(__file__).resolve().parent.parent / "recipes"
+    return source if (source / "config.yaml").exists() else Path(__file__).resolve().parent / "recipes"
+
+
+def usage() -> str:
+    lines = [f"flexora {__version__} — Flexora layer selection for LoRA fine-tuning", "",
+             "usage: flexora <stage> [key=value ...] [hydra flags]", "", "stages:"]
+    lines += [f"  {name:<9} {summary}" for name, (_, summary) in STAGES.items()]
+    lines += ["", "examples:", "  flexora run recipe=demo", "  flexora search recipe=llama3_piqa",
+              "  flexora finetune recipe=llama3_piqa select.layers=all", "  flexora eval recipe=llama3_piqa --cfg job",
+              "", "`flexora <stage> --help` shows the config groups and options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    stage, args = argv[0], argv[1:]
+    debug = any(a.lower() in ("debug=true", "debug=1") for a in args)
+    try:
+        if stage not in STAGES:
+            raise ConfigError(f"unknown stage '{stage}'; use one of: {', '.join(STAGES)} (see `flexora --help`)")
+        if not _HYDRA_OWNED.intersection(args):
+            precheck(_overrides(args))
+    except FlexoraError as exc:
+        if debug:
+            raise
+        return _fail(exc)
+    return _run_hydra(stage, args, debug)
+
+
+def precheck(overrides: list[str]) -> None:
+    """Compose and validate the config once; any problem becomes a ConfigError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from flexora_cli.settings import load
+
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_hydra_message(exc)) from exc
+    load(cfg)
+
+
+def _run_hydra(stage: str, args: list[str], debug: bool) -> int:
+    import hydra
+    from omegaconf import DictConfig
+
+    module = importlib.import_module(STAGES[stage][0])
+
+    @hydra.main(version_base="1.3", config_path=str(recipes_dir()), config_name="config")
+    def task(cfg: DictConfig) -> None:
+        try:
+            module.run(cfg)
+        except FlexoraError as exc:
+            if debug:
+                raise
+            sys.exit(_fail(exc))
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    saved = sys.argv
+    sys.argv = [f"flexora {stage}", *args]
+    try:
+        task()
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _overrides(args: list[str]) -> list[str]:
+    overrides, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _FLAGS_WITH_VALUE:
+            skip = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides
+
+
+def _hydra_message(exc: Exception) -> str:
+    """One line from Hydra's multi-line errors, with the valid options where it lists them."""
+    from hydra.errors import MissingConfigException
+
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, MissingConfigException) and exc.options:
+        group = exc.missing_cfg_file.rsplit("/", 1)[0] if exc.missing_cfg_file else "the group"
+        return f"{first.rstrip('.')}; valid options for {group}: {', '.join(sorted(exc.options))}"
+    if "Key '" in text and "not in struct" in text:
+        return f"{first.rstrip('.')}: no such setting (check the spelling; `flexora <stage> --cfg job` lists them)"
+    return first
+
+
+def _fail(exc: FlexoraError) -> int:
+    message = " ".join(str(exc).split())
+    print(f"error: {message}", file=sys.stderr)
+    return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The bundled demo: a tiny Llama-architecture model and a task whose right layers are known.
+
+- A byte-level BPE tokenizer trained on the demo's own words (no download).
+- A randomly initialised 8-layer Llama ("base") whose output head is planted with a uniform prior
+  over the answer letters, as a pretrained model would have after "Answer:".
+- A "teacher" copy with low-rank changes planted in the q/v projections of PLANTED_LAYERS, each
+  scaled so that every planted layer moves the answer distribution by the same amount.
+- Multiple-choice data in Hellaswag's hub schema whose gold letter is the one the planted changes
+  vote for (argmax of teacher minus base log-probabilities), balanced over letters.
+
+LoRA placed on the planted layers can represent the teacher exactly; elsewhere it can only
+approximate it — so the search has a right answer: PLANTED_LAYERS. Everything is deterministic
+and takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+PLANTED_LAYERS = (2, 5)
+NUM_LAYERS = 8
+SPLIT_SIZES = {"train": 2800, "validation": 300, "test": 200}
+LETTERS = "ABCD"
+_FORMAT_VERSION = 4  # bump when the assets change, so cached copies are rebuilt
+
+
+def ensure_assets(directory: str | os.PathLike) -> Path:
+    """Build the demo model (`model/`) and data (`data/`) in `directory` unless already there."""
+    root = Path(directory).expanduser()
+    stamp = root / "assets.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("version") == _FORMAT_VERSION:
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        build(tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def build(root: Path) -> None:
+    """Write model/, data/{train,validation,test}.jsonl and assets.json under `root`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    words = _words()
+    tokenizer = _tokenizer(words)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    base = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # only the planted layers' attention sees a full-scale input
+        for index, layer in enumerate(base.model.layers):
+            if index not in PLANTED_LAYERS:
+                layer.input_layernorm.weight.mul_(0.03)
+    letter_ids = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"][-1] for letter in LETTERS]
+    rng = random.Random(0)
+    probe = [_record(rng, words) for _ in range(256)]
+    with torch.no_grad():
+        _plant_letter_prior(base, tokenizer, [_prompt(r) for r in probe], letter_ids)
+        teacher = _plant_teacher(base, tokenizer, [_prompt(r) for r in probe], letter_ids)
+    records = _label(base, teacher, tokenizer, words, letter_ids, sum(SPLIT_SIZES.values()))
+
+    base.save_pretrained(root / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "model")
+    (root / "data").mkdir(parents=True)
+    start = 0
+    for split, size in SPLIT_SIZES.items():
+        rows = records[start : start + size]
+        start += size
+        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps({**r, "split": split}) + "\n" for r in rows))
+    (root / "assets.json").write_text(json.dumps({"version": _FORMAT_VERSION, "planted_layers": list(PLANTED_LAYERS)}))
+
+
+def planted_layers(directory: str | os.PathLike) -> list[int] | None:
+    """The planted layers recorded with demo assets, or None for any other model."""
+    stamp = Path(directory).expanduser() / "assets.json"
+    return json.loads(stamp.read_text())["planted_layers"] if stamp.exists() else None
+
+
+def _words() -> list[str]:
+    rng = random.Random(0)
+    syllables = ["ka", "lo", "mi", "re", "tu", "sa", "ne", "po", "vi", "du", "ga", "he"]
+    return sorted({rng.choice(syllables) + rng.choice(syllables) for _ in range(200)})[:48]
+
+
+def _tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    scaffold = "demo: x\nQuestion: Which ending makes the most sense?\nA. x\nB. y\nC. z\nD. w\nAnswer: A B C D"
+    corpus = [scaffold] * 50 + [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _record(rng: random.Random, words: list[str]) -> dict:
+    ctx = " ".join(rng.choice(words) for _ in range(8))
+    return {
+        "ind": 0,
+        "activity_label": "demo",
+        "ctx_a": ctx,
+        "ctx_b": "",
+        "ctx": ctx,
+        "endings": [" ".join(rng.choice(words) for _ in range(3)) for _ in range(4)],
+        "source_id": "flexora-demo",
+        "split": "train",
+        "split_type": "indomain",
+        "label": "",
+    }
+
+
+def _prompt(record: dict) -> str:
+    # Same text as flexora_cli.data.prompts.mcq on the parsed record.
+    options = "".join(f"{letter}. {ending}\n" for letter, ending in zip(LETTERS, record["endings"]))
+    return f"{record['activity_label']}: {record['ctx']}\nQuestion: Which ending makes the most sense?\n{options}Answer:"
+
+
+def _last_hidden(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    hidden = model.model(**batch).last_hidden_state
+    return hidden[torch.arange(len(prompts)), batch["attention_mask"].sum(1) - 1]
+
+
+def _letter_logprobs(model, tokenizer, prompts: list[str], letter_ids: list[int]) -> torch.Tensor:
+    logits = model.lm_head(_last_hidden(model, tokenizer, prompts))
+    return logits[:, letter_ids].log_softmax(-1)
+
+
+def _plant_letter_prior(model, tokenizer, prompts: list[str], letter_ids: list[int]) -> None:
+    """Make the letters likely after "Answer:" (as in a pretrained model) without favouring one."""
+    mean_hidden = _last_hidden(model, tokenizer, prompts).mean(0)
+    direction = mean_hidden / mean_hidden.dot(mean_hidden)
+    weight = model.lm_head.weight
+    for token in letter_ids:
+        weight[token] = weight[token] - weight[token].dot(mean_hidden) * direction + 12.0 * direction
+
+
+def _plant_teacher(base, tokenizer, prompts: list[str], letter_ids: list[int]):
+    """Copy `base` and add rank-2 changes to q/v of the planted layers, equal in effect."""
+    generator = torch.Generator().manual_seed(1)
+    deltas = {}
+    for index in PLANTED_LAYERS:
+        attention = base.model.layers[index].self_attn
+        for name in ("q_proj", "v_proj"):
+            out_features, in_features = getattr(attention, name).weight.shape
+            u = torch.randn(out_features, 2, generator=generator)
+            v = torch.randn(in_features, 2, generator=generator)
+            deltas[index, name] = u @ v.T / math.sqrt(in_features)
+    reference = _letter_logprobs(base, tokenizer, prompts, letter_ids)
+    scales = {}
+    for index in PLANTED_LAYERS:  # scale each layer's change to move the answer by the same amount
+        single = _with_deltas(base, {k: d for k, d in deltas.items() if k[0] == index}, 1.0)
+        shift = (_letter_logprobs(single, tokenizer, prompts, letter_ids) - reference).abs().mean()
+        scales[index] = 3.0 / max(float(shift), 1e-6)
+    return _with_deltas(base, {k: d * scales[k[0]] for k, d in deltas.items()}, 1.0)
+
+
+def _with_deltas(base, deltas: dict, scale: float):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    for (index, name), delta in deltas.items():
+        getattr(model.model.layers[index].self_attn, name).weight += scale * delta
+    return model
+
+
+def _label(base, teacher, tokenizer, words, letter_ids, count: int) -> list[dict]:
+    """Records whose gold letter is the planted changes' clear vote, balanced over letters."""
+    rng = random.Random(5)
+    quota = [count // len(LETTERS)] * len(LETTERS)
+    records: list[dict] = []
+    with torch.no_grad():
+        while len(records) < count:
+            candidates = [_record(rng, words) for _ in range(256)]
+            prompts = [_prompt(r) for r in candidates]
+            vote = _letter_logprobs(teacher, tokenizer, prompts, letter_ids) - _letter_logprobs(base, tokenizer, prompts, letter_ids)
+            for record, scores in zip(candidates, vote):
+                top2 = scores.topk(2).values
+                gold = int(scores.argmax())
+                if top2[0] - top2[1] > 0.2 and quota[gold] > 0:
+                    quota[gold] -= 1
+                    records.append({**record, "ind": len(records), "label": str(gold)})
+    random.Random(6).shuffle(records)
+    return records

@@ -1,0 +1,43 @@
+"""Errors a user can see. The CLI prints `error: <message>` and exits with `exit_code`, no traceback."""
+
+
+class FlexoraError(Exception):
+    """Base class: a problem the user can fix; the message names the problem and the fix."""
+
+    exit_code = 1
+
+
+class ConfigError(FlexoraError):
+    """Bad settings or command line (exit 2)."""
+
+    exit_code = 2
+
+
+class DataError(FlexoraError):
+    """A dataset file or record that breaks its schema (exit 2)."""
+
+    exit_code = 2
+
+
+class MissingArtifactError(FlexoraError):
+    """A stage needs a file that an earlier stage writes (exit 2)."""
+
+    exit_code = 2
+
+    def __init__(self, path, stage: str, this_stage: str):
+        super().__init__(
+            f"{this_stage} needs {path}, which `flexora {stage}` writes; run `flexora {stage}` "
+            f"with the same out_dir first (or `flexora run` for the whole pipeline)"
+        )
+
+
+class ModelError(FlexoraError):
+    """A model that cannot be loaded or does not have the configured layout (exit 2)."""
+
+    exit_code = 2
+
+
+class TrainingError(FlexoraError):
+    """A failure while training or evaluating (exit 1)."""
+
+    exit_code = 1

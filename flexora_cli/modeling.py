@@ -1,0 +1,159 @@
+"""Load models and tokenizers, find the layer list, attach LoRA — all from the model settings.
+
+Nothing here knows Llama's names: the layer list is `ModelSettings.layers_path` (e.g.
+`model.layers`, or `transformer.encoder.layers` for ChatGLM3) and the LoRA targets are
+`ModelSettings.target_modules` (e.g. q_proj/v_proj, or query_key_value).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from flexora_cli.errors import ConfigError, ModelError
+from flexora_cli.settings import LoraSettings, ModelSettings
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but this machine has no CUDA device; use device=cpu or device=auto")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(spec: ModelSettings, device: torch.device) -> torch.dtype:
+    if spec.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec.dtype]
+
+
+def load_tokenizer(spec: ModelSettings):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except Exception as exc:  # transformers raises OSError/ValueError/... for every "cannot load"
+        raise ModelError(_load_failure("tokenizer", spec, exc)) from exc
+    if tokenizer.pad_token is None:  # Llama-3 and Mistral ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(spec: ModelSettings, device: torch.device) -> nn.Module:
+    """The base causal LM in eval mode on `device`, weights frozen."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.name_or_path,
+            revision=spec.revision,
+            dtype=resolve_dtype(spec, device),
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=None if spec.trust_remote_code else True,
+        )
+    except Exception as exc:
+        raise ModelError(_load_failure("model", spec, exc)) from exc
+    model.requires_grad_(False)
+    get_layers(model, spec.layers_path)  # fail early, with the settings' names, if the layout differs
+    return model.to(device).eval()
+
+
+def get_layers(model: nn.Module, layers_path: str) -> nn.ModuleList:
+    """The transformer layer list at `layers_path`, looked up inside any peft wrapper."""
+    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    node = root
+    for part in layers_path.split("."):
+        if not hasattr(node, part):
+            raise ModelError(
+                f"model has no attribute path '{layers_path}' (stopped at '{part}'); "
+                f"set model.layers_path to the model's layer list (e.g. model.layers)"
+            )
+        node = getattr(node, part)
+    if not isinstance(node, nn.ModuleList) or len(node) == 0:
+        raise ModelError(f"'{layers_path}' is not a non-empty list of layers; fix model.layers_path")
+    return node
+
+
+def lora_config(spec: ModelSettings, lora: LoraSettings, layers: list[int] | None) -> LoraConfig:
+    """LoRA on `spec.target_modules`, restricted to `layers` (None: every layer)."""
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(spec.target_modules),
+        layers_to_transform=sorted(layers) if layers is not None else None,
+        layers_pattern=spec.layers_path.split(".")[-1] if layers is not None else None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: nn.Module, spec: ModelSettings, lora: LoraSettings, layers: list[int] | None) -> PeftModel:
+    """Wrap `model` with fresh LoRA adapters on the target modules of `layers` only."""
+    try:
+        peft_model = get_peft_model(model, lora_config(spec, lora, layers))
+    except ValueError as exc:
+        raise ModelError(
+            f"cannot attach LoRA to {list(spec.target_modules)}: {str(exc).splitlines()[0]}; "
+            f"set model.target_modules to linear modules of this model"
+        ) from exc
+    return peft_model
+
+
+def lora_params_per_layer(model: nn.Module, spec: ModelSettings, lora: LoraSettings) -> list[int]:
+    """Trainable LoRA parameters each layer would get: r · (in + out) per target linear module."""
+    counts = []
+    for layer in get_layers(model, spec.layers_path):
+        total = 0
+        for name, module in layer.named_modules():
+            if name.split(".")[-1] in spec.target_modules and hasattr(module, "in_features"):
+                total += lora.r * (module.in_features + module.out_features)
+        counts.append(total)
+    if not any(counts):
+        raise ModelError(
+            f"no module named {list(spec.target_modules)} inside the layers at '{spec.layers_path}'; "
+            f"set model.target_modules to linear modules of this model"
+        )
+    return counts
+
+
+def describe(spec: ModelSettings, lora: LoraSettings) -> list[int]:
+    """LoRA parameters per layer from the model's config alone (meta device, no weights loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_local_path(spec)
+    try:
+        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    except Exception as exc:
+        raise ModelError(_load_failure("model config", spec, exc)) from exc
+    return lora_params_per_layer(skeleton, spec, lora)
+
+
+def _check_local_path(spec: ModelSettings) -> None:
+    path = Path(spec.name_or_path).expanduser()
+    looks_local = spec.name_or_path.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise ModelError(
+            f"model.name_or_path={spec.name_or_path} is not a model directory (no config.json); "
+            f"point it at a folder saved with save_pretrained, or at a hub id"
+        )
+
+
+def _load_failure(what: str, spec: ModelSettings, exc: Exception) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot load the {what} '{spec.name_or_path}': {reason}; check model.name_or_path "
+        f"(a hub id needs network access or a local cache)"
+    )

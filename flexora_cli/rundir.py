@@ -1,0 +1,193 @@
+"""The run directory: where every artifact lives, and the only code that writes there.
+
+Every file appears atomically (temp name in the same folder, fsync, rename), so a killed run
+leaves the old file or the new one, never half of one. The manifest records each stage's status
+and the hash of the settings it ran with, which is how `flexora run` knows a stage is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from flexora_cli import __version__
+from flexora_cli.settings import Settings
+
+STAGES = ("search", "select", "finetune", "eval")
+
+# The settings each stage's output depends on; later stages include earlier ones, so a change
+# upstream invalidates everything downstream.
+_STAGE_KEYS = {
+    "search": ("model", "dataset", "lora", "search", "seed", "format", "max_length"),
+    "select": ("model", "dataset", "lora", "search", "seed", "format", "max_length", "select"),
+    "finetune": ("model", "dataset", "lora", "search", "seed", "format", "max_length", "select", "finetune"),
+    "eval": ("model", "dataset", "lora", "search", "seed", "format", "max_length", "select", "finetune", "eval"),
+}
+
+
+class RunDir:
+    """Paths of every artifact under `out_dir`, plus atomic writers and the manifest."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.root = Path(out_dir)
+
+    # -- layout -------------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    @property
+    def alpha_json(self) -> Path:
+        return self.root / "search" / "alpha.json"
+
+    @property
+    def alpha_png(self) -> Path:
+        return self.root / "search" / "alpha.png"
+
+    @property
+    def search_loss_png(self) -> Path:
+        return self.root / "search" / "loss.png"
+
+    @property
+    def selection_json(self) -> Path:
+        return self.root / "select" / "selection.json"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / "finetune" / "adapter"
+
+    @property
+    def finetune_log_json(self) -> Path:
+        return self.root / "finetune" / "train_log.json"
+
+    @property
+    def finetune_loss_png(self) -> Path:
+        return self.root / "finetune" / "loss.png"
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.root / "eval" / "metrics.json"
+
+    @property
+    def predictions_jsonl(self) -> Path:
+        return self.root / "eval" / "predictions.jsonl"
+
+    @property
+    def manifest_json(self) -> Path:
+        return self.root / "manifest.json"
+
+    # -- atomic writes ------------------------------------------------------------------------
+    def write_json(self, path: Path, obj: Any) -> Path:
+        return self.write_text(path, json.dumps(obj, indent=2) + "\n")
+
+    def write_jsonl(self, path: Path, rows: list[dict]) -> Path:
+        return self.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+    def write_text(self, path: Path, text: str) -> Path:
+        with self.atomic_file(path) as tmp:
+            tmp.write_text(text)
+        return path
+
+    @contextlib.contextmanager
+    def atomic_file(self, path: Path) -> Iterator[Path]:
+        """Yield a temp path beside `path`; on success it is fsynced and renamed onto `path`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def atomic_dir(self, path: Path) -> Iterator[Path]:
+        """Yield a temp folder beside `path`; on success it replaces `path` whole."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+            for item in tmp.iterdir():
+                with open(item, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            old = path.with_name(f".{path.name}.old")
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def save_figure(self, path: Path, figure) -> Path:
+        """Save a matplotlib figure as PNG, atomically, and release it."""
+        import matplotlib.pyplot as plt
+
+        with self.atomic_file(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        return path
+
+    # -- manifest and per-stage config --------------------------------------------------------
+    def read_manifest(self) -> dict:
+        if self.manifest_json.exists():
+            return json.loads(self.manifest_json.read_text())
+        return {"version": __version__, "stages": {}}
+
+    def begin_stage(self, stage: str, settings: Settings) -> None:
+        """Record the stage as running and write the resolved settings beside its outputs."""
+        config = OmegaConf.to_yaml(OmegaConf.structured(settings))
+        self.write_text(self.stage_dir(stage) / "config.yaml", config)
+        manifest = self.read_manifest()
+        manifest["version"] = __version__
+        manifest["stages"][stage] = {
+            "status": "running",
+            "config_hash": stage_hash(stage, settings),
+            "started": _now(),
+            "ended": None,
+        }
+        self.write_json(self.manifest_json, manifest)
+
+    def end_stage(self, stage: str, **summary: Any) -> None:
+        manifest = self.read_manifest()
+        entry = manifest["stages"].setdefault(stage, {})
+        entry.update(status="complete", ended=_now(), **summary)
+        self.write_json(self.manifest_json, manifest)
+
+    def is_complete(self, stage: str, settings: Settings) -> bool:
+        """True when the stage finished with exactly these settings."""
+        entry = self.read_manifest()["stages"].get(stage, {})
+        return entry.get("status") == "complete" and entry.get("config_hash") == stage_hash(stage, settings)
+
+
+def stage_hash(stage: str, settings: Settings) -> str:
+    """Short hash of the settings a stage's outputs depend on."""
+    as_dict = dataclasses.asdict(settings)
+    relevant = {key: as_dict[key] for key in _STAGE_KEYS[stage]}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_json(path: Path, stage: str, this_stage: str) -> dict:
+    """Read an artifact of an earlier stage, or say which stage writes it."""
+    from flexora_cli.errors import MissingArtifactError
+
+    if not path.exists():
+        raise MissingArtifactError(path, stage, this_stage)
+    return json.loads(path.read_text())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,251 @@
+"""Typed settings for every stage, built from the composed Hydra config.
+
+The YAML files under recipes/ hold the values; these dataclasses hold the names, types and meaning.
+`load(cfg)` merges a config onto the schema (unknown keys and wrong types fail there) and then
+`validate()` checks every cross-field rule at once, so a user sees all problems in one message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from flexora_cli.errors import ConfigError
+
+DATASET_SCHEMAS = ("hellaswag", "piqa", "winogrande", "race")
+SELECT_RULES = ("positive", "top_k", "budget")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+FORMATS = ("mcq",)
+
+
+@dataclass
+class ModelSettings:
+    """Which model to load and where its layers and LoRA targets are."""
+
+    name: str = "model"
+    """Short name used in run directory names and reports."""
+    name_or_path: str = "???"
+    """Hub id or local directory (config.json + weights)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin."""
+    dtype: str = "auto"
+    """Weight dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
+    layers_path: str = "model.layers"
+    """Attribute path from the causal-LM object to its list of transformer layers."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Names of the linear modules inside each layer that receive LoRA."""
+    trust_remote_code: bool = False
+    """Run the model repository's own code (only set for models that need it, e.g. ChatGLM3)."""
+
+
+@dataclass
+class DatasetSettings:
+    """Which multiple-choice task, from the hub or from local JSONL files."""
+
+    name: str = "???"
+    """Task name used in reports (e.g. piqa, race_high)."""
+    schema: str = "???"
+    """Record schema: hellaswag, piqa, winogrande or race."""
+    hub_id: str | None = None
+    """Hub dataset id, used when data_dir is not set."""
+    hub_config: str | None = None
+    """Hub dataset configuration (e.g. winogrande_xl, middle)."""
+    data_dir: str | None = None
+    """Local directory with train.jsonl / validation.jsonl / test.jsonl in the hub schema."""
+    train_split: str = "train"
+    """Split that LoRA (and the α validation carve-out) come from."""
+    eval_split: str = "validation"
+    """Split that `flexora eval` scores."""
+    max_train_samples: int | None = None
+    """Cap on training examples for finetune (None: all)."""
+    max_eval_samples: int | None = None
+    """Cap on evaluation examples (None: all)."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyperparameters shared by search and finetune."""
+
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha; the LoRA output is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+
+
+@dataclass
+class SearchSettings:
+    """Stage 2: fit one gate per layer by alternating LoRA and α steps."""
+
+    budget: int = 1000
+    """Number of training samples the search's LoRA steps see (per epoch)."""
+    val_samples: int = 200
+    """Samples carved from the training split (fixed seed, disjoint) for the α steps."""
+    epochs: int = 1
+    """Passes over the budget."""
+    batch_size: int = 4
+    """Batch size of both the LoRA and the α step."""
+    lr: float = 1e-4
+    """LoRA learning rate (AdamW, cosine schedule with warmup)."""
+    weight_decay: float = 0.0
+    """LoRA AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent in linear warmup."""
+    alpha_lr: float = 0.01
+    """Learning rate of the α optimizer (Adam, no schedule, as in the public code)."""
+    log_every: int = 10
+    """Record losses and α in the history every this many steps."""
+
+
+@dataclass
+class SelectSettings:
+    """Stage 3: turn the α ranking into a set of layers."""
+
+    rule: str = "positive"
+    """positive (α̂ > 0, the paper's), top_k (the k best) or budget (most layers within max_params)."""
+    k: int | None = None
+    """Number of layers for rule=top_k."""
+    max_params: int | None = None
+    """Maximum trainable LoRA parameters for rule=budget."""
+    layers: Any = None
+    """Explicit layer indices or "all": bypasses the search (e.g. the plain-LoRA baseline)."""
+
+
+@dataclass
+class FinetuneSettings:
+    """Stage 4a: fresh LoRA on the selected layers only."""
+
+    epochs: float = 3.0
+    """Passes over the training split (fractions allowed)."""
+    batch_size: int = 8
+    """Per-step batch size."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    scheduler: str = "cosine"
+    """transformers scheduler name (cosine, linear, constant_with_warmup, ...)."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent in linear warmup."""
+    log_every: int = 10
+    """Record the training loss every this many steps."""
+
+
+@dataclass
+class EvalSettings:
+    """Stage 4b: accuracy of the base model and of the adapter."""
+
+    batch_size: int = 16
+    """Sequences per forward pass when scoring."""
+    include_base: bool = True
+    """Also score the base model without adapter."""
+
+
+@dataclass
+class Settings:
+    """Everything a stage needs; one instance per command."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    select: SelectSettings = field(default_factory=SelectSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    out_dir: str = "runs/default"
+    """The run directory shared by all stages."""
+    seed: int = 42
+    """Seed for data order, the α validation carve-out and LoRA init."""
+    device: str = "auto"
+    """cpu, cuda or auto (cuda when available)."""
+    format: str = "mcq"
+    """Prompt format for training and eval (mcq: lettered options, score the answer letter)."""
+    max_length: int = 1024
+    """Longest tokenised prompt+answer; longer examples are truncated from the left of the context."""
+    demo_assets: str | None = None
+    """If set, build the bundled demo's tiny model and data in this directory when missing."""
+    recipe: str | None = None
+    """Name of the preset this config came from (informational)."""
+    debug: bool = False
+    """Show full tracebacks instead of one-line errors."""
+
+    def validate(self) -> list[str]:
+        """Every problem with these settings, as `key: problem (fix)` lines."""
+        problems: list[str] = []
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        check(self.model.dtype in DTYPES, f"model.dtype: {self.model.dtype!r} is not one of {', '.join(DTYPES)}")
+        check(bool(self.model.target_modules), "model.target_modules: empty; name at least one linear module")
+        check(bool(self.model.layers_path), "model.layers_path: empty; give the attribute path of the layer list")
+        check(
+            self.dataset.schema in DATASET_SCHEMAS,
+            f"dataset.schema: {self.dataset.schema!r} is not one of {', '.join(DATASET_SCHEMAS)}",
+        )
+        check(
+            self.dataset.data_dir is not None or self.dataset.hub_id is not None,
+            "dataset: neither data_dir nor hub_id is set; set dataset.data_dir=DIR or dataset.hub_id=ID",
+        )
+        check(self.lora.r > 0, f"lora.r: must be > 0, got {self.lora.r}")
+        check(0.0 <= self.lora.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
+        for key in ("budget", "val_samples", "epochs", "batch_size", "log_every"):
+            value = getattr(self.search, key)
+            check(value > 0, f"search.{key}: must be > 0, got {value}")
+        check(self.search.alpha_lr > 0, f"search.alpha_lr: must be > 0, got {self.search.alpha_lr}")
+        check(self.select.rule in SELECT_RULES, f"select.rule: {self.select.rule!r} is not one of {', '.join(SELECT_RULES)}")
+        if self.select.rule == "top_k" and self.select.layers is None:
+            check(self.select.k is not None and self.select.k > 0, f"select.k: rule=top_k needs k > 0, got {self.select.k}")
+        if self.select.rule == "budget" and self.select.layers is None:
+            check(
+                self.select.max_params is not None and self.select.max_params > 0,
+                f"select.max_params: rule=budget needs max_params > 0, got {self.select.max_params}",
+            )
+        layers = self.select.layers
+        if layers is not None and layers != "all":
+            if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+                problems.append(f"select.layers: expected a list of layer indices or 'all', got {layers!r}")
+            elif not layers:
+                problems.append("select.layers: empty list; name at least one layer or use 'all'")
+            elif len(set(layers)) != len(layers):
+                problems.append(f"select.layers: duplicate indices in {layers}; list each layer once")
+            elif min(layers) < 0:
+                problems.append(f"select.layers: negative index in {layers}; layers count from 0")
+        for key in ("epochs", "batch_size", "grad_accum", "lr", "log_every"):
+            value = getattr(self.finetune, key)
+            check(value > 0, f"finetune.{key}: must be > 0, got {value}")
+        check(self.eval.batch_size > 0, f"eval.batch_size: must be > 0, got {self.eval.batch_size}")
+        check(self.device in DEVICES, f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
+        check(self.format in FORMATS, f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
+        check(self.max_length > 8, f"max_length: must be > 8, got {self.max_length}")
+        return problems
+
+
+def load(cfg: DictConfig | Settings) -> Settings:
+    """Typed, validated settings from a composed config; raises ConfigError listing every problem."""
+    if isinstance(cfg, Settings):
+        settings = cfg
+    else:
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(Settings), cfg)
+            settings = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{_first_line(exc)} (check the spelling and type of the override)") from exc
+    if isinstance(settings.select.layers, (list, tuple)) or OmegaConf.is_list(settings.select.layers):
+        settings.select.layers = list(settings.select.layers)
+    problems = settings.validate()
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(problems))
+    return settings
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

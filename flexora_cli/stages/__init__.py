@@ -1,0 +1,22 @@
+"""One module per stage, each with a plain `run(cfg)`; `setup` is what they all start with."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from flexora_cli import demo
+from flexora_cli.rundir import RunDir
+from flexora_cli.settings import Settings, load
+
+
+def setup(cfg: DictConfig | Settings) -> tuple[Settings, RunDir]:
+    """Typed, validated settings and the run directory; builds the demo assets when asked."""
+    settings = load(cfg)
+    if settings.demo_assets:
+        demo.ensure_assets(settings.demo_assets)
+    return settings, RunDir(settings.out_dir)
+
+
+def planted_layers(settings: Settings) -> list[int] | None:
+    """The demo's known right answer (None for real models)."""
+    return demo.planted_layers(settings.demo_assets) if settings.demo_assets else None

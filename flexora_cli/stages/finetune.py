@@ -1,0 +1,86 @@
+"""Stage 4a — fine-tune fresh LoRA on the selected layers only; save a standard PEFT adapter.
+
+Unselected layers carry no adapter at all (peft `layers_to_transform`), so the adapter in
+finetune/adapter/ loads with plain `PeftModel.from_pretrained(base, dir)`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from omegaconf import DictConfig
+
+from flexora_cli import report
+from flexora_cli.data.batches import Batches, training_features
+from flexora_cli.data.datasets import load_split
+from flexora_cli.data.prompts import build_prompts
+from flexora_cli.modeling import attach_lora, load_model, load_tokenizer, resolve_device
+from flexora_cli.rundir import read_json
+from flexora_cli.settings import Settings
+from flexora_cli.stages import setup
+from flexora_cli.training import adamw_with_schedule, answer_loss, check_finite, seed_everything, trainable_parameters
+
+
+def run(cfg: DictConfig | Settings) -> dict:
+    settings, run_dir = setup(cfg)
+    spec = settings.finetune
+    layers = read_json(run_dir.selection_json, "select", "finetune")["layers"]
+    device = resolve_device(settings.device)
+    seed_everything(settings.seed)
+
+    examples = load_split(settings.dataset, settings.dataset.train_split)[: settings.dataset.max_train_samples]
+    tokenizer = load_tokenizer(settings.model)
+    features = training_features(tokenizer, build_prompts(examples, settings.format), settings.max_length)
+    batches = Batches(tokenizer, features, spec.batch_size, settings.seed)
+
+    model = attach_lora(load_model(settings.model, device), settings.model, settings.lora, layers)
+    params = trainable_parameters(model)
+    total_steps = max(1, math.ceil(spec.epochs * len(batches) / spec.grad_accum))
+    optimizer, schedule = adamw_with_schedule(params, spec.lr, spec.weight_decay, spec.scheduler, spec.warmup_ratio, total_steps)
+    run_dir.begin_stage("finetune", settings)
+
+    history: list[dict] = []
+    step, micro, started, running = 0, 0, time.time(), 0.0
+    model.train()
+    with report.progress("finetune", total_steps) as bar:
+        epoch = 0
+        while step < total_steps:
+            for batch in batches.epoch(epoch):
+                loss = answer_loss(model, batch, device) / spec.grad_accum
+                running += check_finite(loss, "finetune", step + 1)
+                loss.backward()
+                micro += 1
+                if micro % spec.grad_accum:
+                    continue
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % spec.log_every == 0 or step == total_steps:
+                    history.append({"step": step, "train_loss": running, "lr": schedule.get_last_lr()[0]})
+                bar.update(0, advance=1, info=f"loss {running:.3f}")
+                running = 0.0
+                if step >= total_steps:
+                    break
+            epoch += 1
+
+    with run_dir.atomic_dir(run_dir.adapter_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+    result = {
+        "layers": layers,
+        "trainable_params": sum(p.numel() for p in params),
+        "steps": total_steps,
+        "examples": len(examples),
+        "seconds": round(time.time() - started, 2),
+        "history": history,
+    }
+    run_dir.write_json(run_dir.finetune_log_json, result)
+    if history:
+        run_dir.save_figure(run_dir.finetune_loss_png, report.plot_losses(history, ("train_loss",)))
+    run_dir.end_stage("finetune", steps=total_steps)
+    report.console.print(
+        f"finetune: LoRA on layers {layers} ({result['trainable_params']:,} parameters), {total_steps} steps; "
+        f"wrote {run_dir.adapter_dir}"
+    )
+    return result

@@ -1,0 +1,124 @@
+"""Stage 2 — the Flexora search: fit one gate α̂ per layer, write the ranking.
+
+LoRA sits on every layer's target modules, gated by αᵢ = N·softmax(α̂)ᵢ. Each step alternates
+  1. a LoRA step on a training batch (α held fixed), with AdamW and a cosine schedule;
+  2. an α step on a validation batch carved from the training split (θ held fixed), with Adam.
+The α gradient is the direct (first-order) gradient of the validation loss, as in the public code.
+Output: search/alpha.json {alpha, ranking, num_layers, history, ...}, alpha.png, loss.png.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from flexora_cli import report
+from flexora_cli.data.batches import Batches, training_features
+from flexora_cli.data.datasets import carve_validation, load_split
+from flexora_cli.data.prompts import build_prompts
+from flexora_cli.errors import ConfigError
+from flexora_cli.gates import LayerGates
+from flexora_cli.modeling import attach_lora, get_layers, load_model, load_tokenizer, lora_params_per_layer, resolve_device
+from flexora_cli.settings import Settings
+from flexora_cli.stages import planted_layers, setup
+from flexora_cli.training import adamw_with_schedule, answer_loss, check_finite, seed_everything, trainable_parameters
+
+
+def run(cfg: DictConfig | Settings) -> dict:
+    settings, run_dir = setup(cfg)
+    search = settings.search
+    device = resolve_device(settings.device)
+    seed_everything(settings.seed)
+
+    # -- data: the budget for LoRA steps, a disjoint carve-out for α steps --------------------
+    examples = load_split(settings.dataset, settings.dataset.train_split)
+    if search.budget + search.val_samples > len(examples):
+        raise ConfigError(
+            f"search.budget={search.budget} + search.val_samples={search.val_samples} exceeds the "
+            f"{len(examples)} examples of {settings.dataset.name}[{settings.dataset.train_split}]; "
+            f"lower search.budget or search.val_samples"
+        )
+    train_pool, val_examples = carve_validation(examples, search.val_samples, settings.seed)
+    tokenizer = load_tokenizer(settings.model)
+
+    def batches(subset: list, seed: int) -> Batches:
+        features = training_features(tokenizer, build_prompts(subset, settings.format), settings.max_length)
+        return Batches(tokenizer, features, search.batch_size, seed)
+
+    train_batches = batches(train_pool[: search.budget], settings.seed)
+    val_batches = batches(val_examples, settings.seed + 1).forever()
+
+    # -- model: LoRA on every layer, one gate per layer ---------------------------------------
+    model = load_model(settings.model, device)
+    params_per_layer = lora_params_per_layer(model, settings.model, settings.lora)
+    peft_model = attach_lora(model, settings.model, settings.lora, layers=None)
+    layers = get_layers(peft_model, settings.model.layers_path)
+    gates = LayerGates(len(layers)).to(device)
+    gates.attach(layers)
+    lora_params = trainable_parameters(peft_model)
+    total_steps = search.epochs * len(train_batches)
+    optimizer, schedule = adamw_with_schedule(
+        lora_params, search.lr, search.weight_decay, "cosine", search.warmup_ratio, total_steps
+    )
+    alpha_optimizer = torch.optim.Adam(gates.parameters(), lr=search.alpha_lr)
+    run_dir.begin_stage("search", settings)
+
+    # -- loop ---------------------------------------------------------------------------------
+    history: list[dict] = []
+    step, started = 0, time.time()
+    peft_model.train()
+    with report.progress("search", total_steps) as bar:
+        for epoch in range(search.epochs):
+            for batch in train_batches.epoch(epoch):
+                step += 1
+                # 1. LoRA step, α fixed
+                train_loss = answer_loss(peft_model, batch, device)
+                train_value = check_finite(train_loss, "search", step)
+                train_loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                gates.alpha_hat.grad = None
+                # 2. α step, θ fixed: only the gradient w.r.t. α̂ is computed
+                val_loss = answer_loss(peft_model, next(val_batches), device)
+                val_value = check_finite(val_loss, "search", step)
+                (gates.alpha_hat.grad,) = torch.autograd.grad(val_loss, [gates.alpha_hat])
+                alpha_optimizer.step()
+                alpha_optimizer.zero_grad(set_to_none=True)
+
+                if step % search.log_every == 0 or step == total_steps:
+                    history.append(
+                        {
+                            "step": step,
+                            "train_loss": train_value,
+                            "val_loss": val_value,
+                            "alpha": [round(a, 6) for a in gates.alpha_hat.tolist()],
+                        }
+                    )
+                top = ",".join(str(i) for i in gates.ranking()[:3])
+                bar.update(0, advance=1, info=f"loss {train_value:.3f} val {val_value:.3f} top {top}")
+
+    # -- save ---------------------------------------------------------------------------------
+    alpha = [float(a) for a in gates.alpha_hat.tolist()]
+    result = {
+        "alpha": alpha,
+        "ranking": gates.ranking(),
+        "num_layers": len(alpha),
+        "scaled_alpha": [float(a) for a in gates.alphas().tolist()],
+        "alpha_sum": math.fsum(alpha),
+        "lora_params_per_layer": params_per_layer,
+        "steps": total_steps,
+        "seconds": round(time.time() - started, 2),
+        "history": history,
+    }
+    run_dir.write_json(run_dir.alpha_json, result)
+    run_dir.save_figure(run_dir.alpha_png, report.plot_alpha(alpha, history))
+    run_dir.save_figure(run_dir.search_loss_png, report.plot_losses(history, ("train_loss", "val_loss")))
+    run_dir.end_stage("search", steps=total_steps)
+
+    report.console.print(report.alpha_table(alpha, result["ranking"], planted=planted_layers(settings)))
+    report.console.print(f"search: wrote {run_dir.alpha_json}")
+    return result

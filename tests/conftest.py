@@ -1,0 +1,37 @@
+"""Shared fixtures: the real recipes composed through Hydra, and the demo's tiny model and data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from flexora_cli import demo
+from flexora_cli.cli import recipes_dir
+
+torch.set_num_threads(2)
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config `flexora <stage> *overrides` would run with."""
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> str:
+    """The bundled demo's assets (tiny Llama model + planted-teacher data), built once per session."""
+    return str(demo.ensure_assets(tmp_path_factory.mktemp("demo") / "assets"))
+
+
+@pytest.fixture()
+def tiny_cfg(demo_dir, tmp_path):
+    """A quick demo-recipe config in a fresh run directory; extra overrides as arguments."""
+
+    def make(*overrides: str) -> DictConfig:
+        quick = ["search.budget=64", "search.val_samples=32", "search.log_every=2", "finetune.epochs=0.5",
+                 "dataset.max_train_samples=128", "dataset.max_eval_samples=40"]
+        return compose_config("recipe=demo", f"demo_assets={demo_dir}", f"out_dir={tmp_path / 'run'}", *quick, *overrides)
+
+    return make

@@ -1,0 +1,97 @@
+"""The Flexora gates: αᵢ = N·softmax(α̂)ᵢ multiplies each LoRA path exactly once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from flexora_cli.gates import LayerGates
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.q_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.q_proj(x) + self.v_proj(x)
+
+
+class Stack(nn.Module):
+    def __init__(self, width: int = 6, depth: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def lora_stack(seed: int = 0):
+    torch.manual_seed(seed)
+    model = get_peft_model(Stack(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():  # non-zero B so the LoRA path contributes
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.5)
+    return model
+
+
+def test_alpha_zero_is_plain_lora():
+    model = lora_stack()
+    x = torch.randn(4, 6)
+    plain = model(x)
+    gates = LayerGates(3)
+    assert gates.attach(model.base_model.model.layers) == 6  # q and v in each of 3 layers
+    assert torch.equal(gates.alphas(), torch.ones(3))
+    assert torch.allclose(model(x), plain, atol=0, rtol=0)
+
+
+def test_gate_scales_each_lora_output_exactly_once():
+    model = lora_stack()
+    layer = model.base_model.model.layers[1]
+    x = torch.randn(4, 6)
+    base_out = layer.q_proj.base_layer(x)
+    lora_delta = layer.q_proj(x) - base_out
+    gates = LayerGates(3)
+    gates.attach(model.base_model.model.layers)
+    with torch.no_grad():
+        gates.alpha_hat.copy_(torch.tensor([0.3, 1.1, -0.2]))
+    alpha = gates.alphas()[1]
+    assert not torch.isclose(alpha, torch.tensor(1.0))
+    gated_delta = layer.q_proj(x) - base_out
+    assert torch.allclose(gated_delta, alpha * lora_delta, atol=1e-6)  # α once, not α² or α·(input)
+    assert torch.allclose(layer.q_proj.base_layer(x), base_out)  # W x untouched
+    gates.detach()
+    assert torch.allclose(layer.q_proj(x) - base_out, lora_delta, atol=1e-6)
+
+
+def test_alphas_sum_to_num_layers():
+    gates = LayerGates(5)
+    with torch.no_grad():
+        gates.alpha_hat.copy_(torch.randn(5))
+    assert gates.alphas().sum().item() == pytest.approx(5.0, rel=1e-6)
+
+
+def test_proposition_1_sum_of_alpha_hat_stays_zero_under_sgd():
+    model = lora_stack()
+    gates = LayerGates(3)
+    gates.attach(model.base_model.model.layers)
+    optimizer = torch.optim.SGD([gates.alpha_hat], lr=0.5)
+    for _ in range(50):
+        loss = model(torch.randn(8, 6)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert gates.alpha_hat.abs().sum() > 1e-3  # α̂ moved
+    assert abs(gates.alpha_hat.sum().item()) < 1e-5
+
+
+def test_ranking_orders_by_alpha_hat_then_index():
+    gates = LayerGates(4)
+    with torch.no_grad():
+        gates.alpha_hat.copy_(torch.tensor([0.1, 0.5, 0.1, -0.7]))
+    assert gates.ranking() == [1, 0, 2, 3]
