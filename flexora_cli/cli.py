@@ -22,10 +22,37 @@ STAGES = {
     "run": ("flexora_cli.stages.run", "all four stages, skipping those already complete"),
 }
 # Hydra flags that take a value, so the value is not mistaken for an override.
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+}
 # Flags after which the pre-check is left to Hydra (help, sweeps, other config sources).
-_HYDRA_OWNED = {"--help", "-h", "--hydra-help", "--multirun", "-m", "--info", "-i", "--config-path", "-cp",
-                "--config-name", "-cn", "--config-dir", "-cd", "--shell-completion", "-sc", "--version"}
+_HYDRA_OWNED = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--multirun",
+    "-m",
+    "--info",
+    "-i",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--shell-completion",
+    "-sc",
+    "--version",
+}
 
 
 def recipes_dir() -> Path:
@@ -35,12 +62,24 @@ def recipes_dir() -> Path:
 
 
 def usage() -> str:
-    lines = [f"flexora {__version__} — Flexora layer selection for LoRA fine-tuning", "",
-             "usage: flexora <stage> [key=value ...] [hydra flags]", "", "stages:"]
+    lines = [
+        f"flexora {__version__} — Flexora layer selection for LoRA fine-tuning",
+        "",
+        "usage: flexora <stage> [key=value ...] [hydra flags]",
+        "",
+        "stages:",
+    ]
     lines += [f"  {name:<9} {summary}" for name, (_, summary) in STAGES.items()]
-    lines += ["", "examples:", "  flexora run recipe=demo", "  flexora search recipe=llama3_piqa",
-              "  flexora finetune recipe=llama3_piqa select.layers=all", "  flexora eval recipe=llama3_piqa --cfg job",
-              "", "`flexora <stage> --help` shows the config groups and options."]
+    lines += [
+        "",
+        "examples:",
+        "  flexora run recipe=demo",
+        "  flexora search recipe=llama3_piqa",
+        "  flexora finetune recipe=llama3_piqa select.layers=all",
+        "  flexora eval recipe=llama3_piqa --cfg job",
+        "",
+        "`flexora <stage> --help` shows the config groups and options.",
+    ]
     return "\n".join(lines)
 
 
@@ -56,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = any(a.lower() in ("debug=true", "debug=1") for a in args)
     try:
         if stage not in STAGES:
-            raise ConfigError(f"unknown stage '{stage}'; use one of: {', '.join(STAGES)} (see `flexora --help`)")
+            raise ConfigError(
+                f"unknown stage '{stage}'; use one of: {', '.join(STAGES)} (see `flexora --help`)"
+            )
         if not _HYDRA_OWNED.intersection(args):
             precheck(_overrides(args))
     except FlexoraError as exc:
@@ -132,7 +173,7 @@ def _hydra_message(exc: Exception) -> str:
     if isinstance(exc, MissingConfigException) and exc.options:
         group = exc.missing_cfg_file.rsplit("/", 1)[0] if exc.missing_cfg_file else "the group"
         return f"{first.rstrip('.')}; valid options for {group}: {', '.join(sorted(exc.options))}"
-    if "Key '" in text and "not in struct" in text:
+    if first.startswith("Could not override") or ("Key '" in text and "not in struct" in text):
         return f"{first.rstrip('.')}: no such setting (check the spelling; `flexora <stage> --cfg job` lists them)"
     return first
 

@@ -29,7 +29,7 @@ PLANTED_LAYERS = (2, 5)
 NUM_LAYERS = 8
 SPLIT_SIZES = {"train": 2800, "validation": 300, "test": 200}
 LETTERS = "ABCD"
-_FORMAT_VERSION = 4  # bump when the assets change, so cached copies are rebuilt
+_FORMAT_VERSION = 5  # bump when the assets change, so cached copies are rebuilt
 
 
 def ensure_assets(directory: str | os.PathLike) -> Path:
@@ -91,8 +91,12 @@ def build(root: Path) -> None:
     for split, size in SPLIT_SIZES.items():
         rows = records[start : start + size]
         start += size
-        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps({**r, "split": split}) + "\n" for r in rows))
-    (root / "assets.json").write_text(json.dumps({"version": _FORMAT_VERSION, "planted_layers": list(PLANTED_LAYERS)}))
+        (root / "data" / f"{split}.jsonl").write_text(
+            "".join(json.dumps({**r, "split": split}) + "\n" for r in rows)
+        )
+    (root / "assets.json").write_text(
+        json.dumps({"version": _FORMAT_VERSION, "planted_layers": list(PLANTED_LAYERS)})
+    )
 
 
 def planted_layers(directory: str | os.PathLike) -> list[int] | None:
@@ -112,7 +116,9 @@ def _tokenizer(words: list[str]):
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(0)
-    scaffold = "demo: x\nQuestion: Which ending makes the most sense?\nA. x\nB. y\nC. z\nD. w\nAnswer: A B C D"
+    scaffold = (
+        "demo: x\nQuestion: Which ending makes the most sense?\nA. x\nB. y\nC. z\nD. w\nAnswer: A B C D"
+    )
     corpus = [scaffold] * 50 + [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -124,7 +130,9 @@ def _tokenizer(words: list[str]):
         show_progress=False,
     )
     core.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 def _record(rng: random.Random, words: list[str]) -> dict:
@@ -204,16 +212,29 @@ def _label(base, teacher, tokenizer, words, letter_ids, count: int) -> list[dict
     rng = random.Random(5)
     quota = [count // len(LETTERS)] * len(LETTERS)
     records: list[dict] = []
+
+    def votes(candidates: list[dict]) -> torch.Tensor:
+        prompts = [_prompt(r) for r in candidates]
+        return _letter_logprobs(teacher, tokenizer, prompts, letter_ids) - _letter_logprobs(
+            base, tokenizer, prompts, letter_ids
+        )
+
     with torch.no_grad():
-        while len(records) < count:
+        # The changes also shift all answers towards some letters; centring removes that constant
+        # bias (any layer could learn it) and keeps the content-dependent part.
+        probe_rng = random.Random(4)
+        bias = votes([_record(probe_rng, words) for _ in range(512)]).mean(0)
+        for _ in range(200):  # bounded: at the usual acceptance rate this takes ~20 rounds
+            if len(records) >= count:
+                break
             candidates = [_record(rng, words) for _ in range(256)]
-            prompts = [_prompt(r) for r in candidates]
-            vote = _letter_logprobs(teacher, tokenizer, prompts, letter_ids) - _letter_logprobs(base, tokenizer, prompts, letter_ids)
-            for record, scores in zip(candidates, vote):
+            for record, scores in zip(candidates, votes(candidates) - bias):
                 top2 = scores.topk(2).values
                 gold = int(scores.argmax())
                 if top2[0] - top2[1] > 0.2 and quota[gold] > 0:
                     quota[gold] -= 1
                     records.append({**record, "ind": len(records), "label": str(gold)})
+    if len(records) < count:
+        raise RuntimeError(f"demo data: only {len(records)} of {count} records reached a clear vote")
     random.Random(6).shuffle(records)
     return records

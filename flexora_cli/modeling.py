@@ -97,7 +97,9 @@ def lora_config(spec: ModelSettings, lora: LoraSettings, layers: list[int] | Non
     )
 
 
-def attach_lora(model: nn.Module, spec: ModelSettings, lora: LoraSettings, layers: list[int] | None) -> PeftModel:
+def attach_lora(
+    model: nn.Module, spec: ModelSettings, lora: LoraSettings, layers: list[int] | None
+) -> PeftModel:
     """Wrap `model` with fresh LoRA adapters on the target modules of `layers` only."""
     try:
         peft_model = get_peft_model(model, lora_config(spec, lora, layers))
@@ -133,7 +135,9 @@ def describe(spec: ModelSettings, lora: LoraSettings) -> list[int]:
 
     _check_local_path(spec)
     try:
-        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     except Exception as exc:

@@ -6,7 +6,14 @@ import contextlib
 from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -29,7 +36,12 @@ def progress(description: str, total: int) -> Iterator[Progress]:
         yield bar
 
 
-def alpha_table(alpha: list[float], ranking: list[int], selected: list[int] | None = None, planted: list[int] | None = None) -> Table:
+def alpha_table(
+    alpha: list[float],
+    ranking: list[int],
+    selected: list[int] | None = None,
+    planted: list[int] | None = None,
+) -> Table:
     table = Table(title="Layer ranking by α̂ (Flexora gates)")
     table.add_column("rank", justify="right")
     table.add_column("layer", justify="right")

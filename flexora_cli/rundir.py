@@ -32,7 +32,18 @@ _STAGE_KEYS = {
     "search": ("model", "dataset", "lora", "search", "seed", "format", "max_length"),
     "select": ("model", "dataset", "lora", "search", "seed", "format", "max_length", "select"),
     "finetune": ("model", "dataset", "lora", "search", "seed", "format", "max_length", "select", "finetune"),
-    "eval": ("model", "dataset", "lora", "search", "seed", "format", "max_length", "select", "finetune", "eval"),
+    "eval": (
+        "model",
+        "dataset",
+        "lora",
+        "search",
+        "seed",
+        "format",
+        "max_length",
+        "select",
+        "finetune",
+        "eval",
+    ),
 }
 
 

@@ -28,6 +28,8 @@ class _Sequence:
     tokens: list[int]
     targets: list[list[int]]
     """Per choice, the tokens scored at the sequence's last len(targets[k]) positions."""
+    context_only: bool
+    """True when `tokens` is the shared context and every target is one next token."""
 
 
 def _sequences(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_length: int) -> list[_Sequence]:
@@ -37,10 +39,12 @@ def _sequences(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_le
         contexts = {tuple(context) for context, _ in parts}
         if len(contexts) == 1 and all(len(continuation) == 1 for _, continuation in parts):
             choices = list(range(len(parts)))
-            sequences.append(_Sequence(index, choices, parts[0][0], [c for _, c in parts]))
+            sequences.append(_Sequence(index, choices, parts[0][0], [c for _, c in parts], context_only=True))
         else:
             for choice, (context, continuation) in enumerate(parts):
-                sequences.append(_Sequence(index, [choice], context + continuation, [continuation]))
+                sequences.append(
+                    _Sequence(index, [choice], context + continuation, [continuation], context_only=False)
+                )
     return sequences
 
 
@@ -80,12 +84,8 @@ def score(
         # logits[:, j] predicts the token after input position j; for single-token choices of a
         # context-only sequence the prediction is at the last position.
         for row, seq in enumerate(batch):
-            is_context_only = len(seq.choice_indices) > 1
             for choice, target in zip(seq.choice_indices, seq.targets):
-                if is_context_only:
-                    step_logits = logits[row, -1:]
-                else:
-                    step_logits = logits[row, -len(target) - 1 : -1]
+                step_logits = logits[row, -1:] if seq.context_only else logits[row, -len(target) - 1 : -1]
                 logprobs = step_logits.log_softmax(-1)
                 picked = logprobs.gather(-1, torch.tensor(target, device=logprobs.device).unsqueeze(-1))
                 scores[seq.prompt_index][choice] = float(picked.sum())

@@ -184,9 +184,14 @@ class Settings:
             if not ok:
                 problems.append(message)
 
-        check(self.model.dtype in DTYPES, f"model.dtype: {self.model.dtype!r} is not one of {', '.join(DTYPES)}")
+        check(
+            self.model.dtype in DTYPES, f"model.dtype: {self.model.dtype!r} is not one of {', '.join(DTYPES)}"
+        )
         check(bool(self.model.target_modules), "model.target_modules: empty; name at least one linear module")
-        check(bool(self.model.layers_path), "model.layers_path: empty; give the attribute path of the layer list")
+        check(
+            bool(self.model.layers_path),
+            "model.layers_path: empty; give the attribute path of the layer list",
+        )
         check(
             self.dataset.schema in DATASET_SCHEMAS,
             f"dataset.schema: {self.dataset.schema!r} is not one of {', '.join(DATASET_SCHEMAS)}",
@@ -201,9 +206,15 @@ class Settings:
             value = getattr(self.search, key)
             check(value > 0, f"search.{key}: must be > 0, got {value}")
         check(self.search.alpha_lr > 0, f"search.alpha_lr: must be > 0, got {self.search.alpha_lr}")
-        check(self.select.rule in SELECT_RULES, f"select.rule: {self.select.rule!r} is not one of {', '.join(SELECT_RULES)}")
+        check(
+            self.select.rule in SELECT_RULES,
+            f"select.rule: {self.select.rule!r} is not one of {', '.join(SELECT_RULES)}",
+        )
         if self.select.rule == "top_k" and self.select.layers is None:
-            check(self.select.k is not None and self.select.k > 0, f"select.k: rule=top_k needs k > 0, got {self.select.k}")
+            check(
+                self.select.k is not None and self.select.k > 0,
+                f"select.k: rule=top_k needs k > 0, got {self.select.k}",
+            )
         if self.select.rule == "budget" and self.select.layers is None:
             check(
                 self.select.max_params is not None and self.select.max_params > 0,

@@ -33,7 +33,12 @@ def check_finite(loss: torch.Tensor, stage: str, step: int) -> float:
 
 
 def adamw_with_schedule(
-    params: list[nn.Parameter], lr: float, weight_decay: float, scheduler: str, warmup_ratio: float, total_steps: int
+    params: list[nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    scheduler: str,
+    warmup_ratio: float,
+    total_steps: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = get_scheduler(

@@ -16,4 +16,6 @@ from flexora_cli.demo import PLANTED_LAYERS, ensure_assets
 if __name__ == "__main__":
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path.home() / ".cache" / "flexora" / "demo"
     root = ensure_assets(out)
-    print(f"demo assets in {root}: model/ (tiny Llama, 8 layers), data/ (Hellaswag schema); planted layers {list(PLANTED_LAYERS)}")
+    print(
+        f"demo assets in {root}: model/ (tiny Llama, 8 layers), data/ (Hellaswag schema); planted layers {list(PLANTED_LAYERS)}"
+    )

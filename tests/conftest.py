@@ -30,8 +30,16 @@ def tiny_cfg(demo_dir, tmp_path):
     """A quick demo-recipe config in a fresh run directory; extra overrides as arguments."""
 
     def make(*overrides: str) -> DictConfig:
-        quick = ["search.budget=64", "search.val_samples=32", "search.log_every=2", "finetune.epochs=0.5",
-                 "dataset.max_train_samples=128", "dataset.max_eval_samples=40"]
-        return compose_config("recipe=demo", f"demo_assets={demo_dir}", f"out_dir={tmp_path / 'run'}", *quick, *overrides)
+        quick = [
+            "search.budget=64",
+            "search.val_samples=32",
+            "search.log_every=2",
+            "finetune.epochs=0.5",
+            "dataset.max_train_samples=128",
+            "dataset.max_eval_samples=40",
+        ]
+        return compose_config(
+            "recipe=demo", f"demo_assets={demo_dir}", f"out_dir={tmp_path / 'run'}", *quick, *overrides
+        )
 
     return make

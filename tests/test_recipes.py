@@ -20,7 +20,9 @@ def test_required_options_exist():
     assert {"hellaswag", "piqa", "winogrande", "race_middle", "race_high", "demo"} <= set(options("dataset"))
     assert {"r4", "r8", "r16", "r32"} <= set(options("lora"))
     assert {"budget_1k", "budget_2k", "budget_5k", "budget_10k"} <= set(options("search"))
-    assert {f"llama3_{d}" for d in ["hellaswag", "piqa", "winogrande", "race_middle", "race_high"]} <= set(options("recipe"))
+    assert {f"llama3_{d}" for d in ["hellaswag", "piqa", "winogrande", "race_middle", "race_high"]} <= set(
+        options("recipe")
+    )
     assert {"mistral_piqa", "gemma_piqa", "chatglm3_piqa", "demo"} <= set(options("recipe"))
 
 
@@ -49,9 +51,20 @@ def test_recipes_hold_only_differences():
 
 
 def test_command_line_overrides_win_over_the_recipe():
-    settings = load(compose_config("recipe=llama3_piqa", "model=mistral_7b", "lora=r16", "search=budget_5k",
-                                   "out_dir=/tmp/o", "seed=3", "device=cpu", "select.layers=[0,31]",
-                                   "model.name_or_path=/models/m", "dataset.data_dir=/data/piqa"))
+    settings = load(
+        compose_config(
+            "recipe=llama3_piqa",
+            "model=mistral_7b",
+            "lora=r16",
+            "search=budget_5k",
+            "out_dir=/tmp/o",
+            "seed=3",
+            "device=cpu",
+            "select.layers=[0,31]",
+            "model.name_or_path=/models/m",
+            "dataset.data_dir=/data/piqa",
+        )
+    )
     assert settings.model.name == "mistral_7b" and settings.model.name_or_path == "/models/m"
     assert (settings.lora.r, settings.search.budget, settings.seed, settings.device) == (16, 5000, 3, "cpu")
     assert settings.select.layers == [0, 31] and settings.dataset.data_dir == "/data/piqa"
@@ -61,4 +74,8 @@ def test_command_line_overrides_win_over_the_recipe():
 def test_free_composition_without_recipe():
     settings = load(compose_config("model=mistral_7b", "dataset=hellaswag", "lora=r16", "search=budget_5k"))
     assert (settings.model.name, settings.dataset.schema, settings.lora.r, settings.search.budget) == (
-        "mistral_7b", "hellaswag", 16, 5000)
+        "mistral_7b",
+        "hellaswag",
+        16,
+        5000,
+    )

@@ -15,7 +15,9 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 from flexora_cli.data.prompts import Prompt
 
 
-def split_tokens(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, max_length: int) -> tuple[list[int], list[int]]:
+def split_tokens(
+    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, max_length: int
+) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids), the context cut from the left to fit `max_length`."""
     whole = tokenizer(context + continuation)["input_ids"]
     context_len = len(tokenizer(context)["input_ids"])
@@ -28,12 +30,18 @@ def split_tokens(tokenizer: PreTrainedTokenizerBase, context: str, continuation:
     return context_ids, continuation_ids
 
 
-def training_features(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_length: int) -> list[dict]:
+def training_features(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_length: int
+) -> list[dict]:
     """input_ids and labels (-100 on the context) for the gold continuation of each prompt."""
     features = []
     for prompt in prompts:
-        context_ids, answer_ids = split_tokens(tokenizer, prompt.context, prompt.continuations[prompt.gold], max_length)
-        features.append({"input_ids": context_ids + answer_ids, "labels": [-100] * len(context_ids) + answer_ids})
+        context_ids, answer_ids = split_tokens(
+            tokenizer, prompt.context, prompt.continuations[prompt.gold], max_length
+        )
+        features.append(
+            {"input_ids": context_ids + answer_ids, "labels": [-100] * len(context_ids) + answer_ids}
+        )
     return features
 
 
@@ -42,7 +50,9 @@ class Batches:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, features: list[dict], batch_size: int, seed: int):
         self.features, self.batch_size, self.seed = features, batch_size, seed
-        self.collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+        self.collate = DataCollatorForSeq2Seq(
+            tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"
+        )
 
     def __len__(self) -> int:
         return -(-len(self.features) // self.batch_size)

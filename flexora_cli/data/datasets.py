@@ -73,11 +73,19 @@ class _Record:
 def _hellaswag(rec: _Record) -> MCExample:
     context = f"{rec.text('activity_label')}: {rec.text('ctx')}"
     endings = rec.texts("endings", 4)
-    return MCExample(context, "Which ending makes the most sense?", endings, rec.label("label", ["0", "1", "2", "3"]), rec.raw)
+    return MCExample(
+        context,
+        "Which ending makes the most sense?",
+        endings,
+        rec.label("label", ["0", "1", "2", "3"]),
+        rec.raw,
+    )
 
 
 def _piqa(rec: _Record) -> MCExample:
-    return MCExample("", rec.text("goal"), [rec.text("sol1"), rec.text("sol2")], rec.label("label", ["0", "1"]), rec.raw)
+    return MCExample(
+        "", rec.text("goal"), [rec.text("sol1"), rec.text("sol2")], rec.label("label", ["0", "1"]), rec.raw
+    )
 
 
 def _winogrande(rec: _Record) -> MCExample:
@@ -85,7 +93,9 @@ def _winogrande(rec: _Record) -> MCExample:
     if sentence.count("_") != 1:
         raise rec.fail("sentence", f"expected exactly one '_' blank, found {sentence.count('_')}")
     options = [rec.text("option1"), rec.text("option2")]
-    return MCExample(sentence, "Which option best fills the blank (_)?", options, rec.label("answer", ["1", "2"]), rec.raw)
+    return MCExample(
+        sentence, "Which option best fills the blank (_)?", options, rec.label("answer", ["1", "2"]), rec.raw
+    )
 
 
 def _race(rec: _Record) -> MCExample:
@@ -128,7 +138,9 @@ def _local_records(spec: DatasetSettings, split: str) -> Iterable[tuple[str, obj
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({exc}); check the file's permissions and encoding (UTF-8)") from exc
+        raise DataError(
+            f"{path}: cannot read ({exc}); check the file's permissions and encoding (UTF-8)"
+        ) from exc
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -154,7 +166,9 @@ def _hub_records(spec: DatasetSettings, split: str) -> Iterable[tuple[str, objec
     return ((f"{spec.hub_id}[{split}] row {index}", dict(row)) for index, row in enumerate(rows))
 
 
-def carve_validation(examples: list[MCExample], val_samples: int, seed: int) -> tuple[list[MCExample], list[MCExample]]:
+def carve_validation(
+    examples: list[MCExample], val_samples: int, seed: int
+) -> tuple[list[MCExample], list[MCExample]]:
     """Split training examples into (train, α-validation), disjoint, with a fixed seed."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

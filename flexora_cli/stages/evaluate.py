@@ -44,7 +44,11 @@ def run(cfg: DictConfig | Settings) -> dict:
     rows = [{"index": i, "gold": gold} for i, gold in enumerate(golds)]
     for name, scores in variants.items():
         predictions, acc, stderr = accuracy(scores, golds)
-        metrics[name] = {"accuracy": acc, "stderr": stderr, "correct": sum(p == g for p, g in zip(predictions, golds))}
+        metrics[name] = {
+            "accuracy": acc,
+            "stderr": stderr,
+            "correct": sum(p == g for p, g in zip(predictions, golds)),
+        }
         for row, predicted, choice_scores in zip(rows, predictions, scores):
             row[name] = {"predicted": predicted, "scores": choice_scores}
     run_dir.write_jsonl(run_dir.predictions_jsonl, rows)
@@ -57,6 +61,7 @@ def run(cfg: DictConfig | Settings) -> dict:
 
 def _score(model, tokenizer, prompts, settings: Settings, label: str) -> list[list[float]]:
     with report.progress(label, len(prompts)) as bar:
+
         def advance(_n: int) -> None:
             bar.update(0, completed=min(len(prompts), bar.tasks[0].completed + _n))
 

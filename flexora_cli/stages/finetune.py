@@ -19,7 +19,13 @@ from flexora_cli.modeling import attach_lora, load_model, load_tokenizer, resolv
 from flexora_cli.rundir import read_json
 from flexora_cli.settings import Settings
 from flexora_cli.stages import setup
-from flexora_cli.training import adamw_with_schedule, answer_loss, check_finite, seed_everything, trainable_parameters
+from flexora_cli.training import (
+    adamw_with_schedule,
+    answer_loss,
+    check_finite,
+    seed_everything,
+    trainable_parameters,
+)
 
 
 def run(cfg: DictConfig | Settings) -> dict:
@@ -29,7 +35,9 @@ def run(cfg: DictConfig | Settings) -> dict:
     device = resolve_device(settings.device)
     seed_everything(settings.seed)
 
-    examples = load_split(settings.dataset, settings.dataset.train_split)[: settings.dataset.max_train_samples]
+    examples = load_split(settings.dataset, settings.dataset.train_split)[
+        : settings.dataset.max_train_samples
+    ]
     tokenizer = load_tokenizer(settings.model)
     features = training_features(tokenizer, build_prompts(examples, settings.format), settings.max_length)
     batches = Batches(tokenizer, features, spec.batch_size, settings.seed)
@@ -37,7 +45,9 @@ def run(cfg: DictConfig | Settings) -> dict:
     model = attach_lora(load_model(settings.model, device), settings.model, settings.lora, layers)
     params = trainable_parameters(model)
     total_steps = max(1, math.ceil(spec.epochs * len(batches) / spec.grad_accum))
-    optimizer, schedule = adamw_with_schedule(params, spec.lr, spec.weight_decay, spec.scheduler, spec.warmup_ratio, total_steps)
+    optimizer, schedule = adamw_with_schedule(
+        params, spec.lr, spec.weight_decay, spec.scheduler, spec.warmup_ratio, total_steps
+    )
     run_dir.begin_stage("finetune", settings)
 
     history: list[dict] = []

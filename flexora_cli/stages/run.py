@@ -12,7 +12,12 @@ from flexora_cli import report
 from flexora_cli.settings import Settings
 from flexora_cli.stages import evaluate, finetune, search, select, setup
 
-PIPELINE = (("search", search.run), ("select", select.run), ("finetune", finetune.run), ("eval", evaluate.run))
+PIPELINE = (
+    ("search", search.run),
+    ("select", select.run),
+    ("finetune", finetune.run),
+    ("eval", evaluate.run),
+)
 
 
 def run(cfg: DictConfig | Settings) -> dict:
@@ -23,7 +28,9 @@ def run(cfg: DictConfig | Settings) -> dict:
             report.console.print("run: search skipped (select.layers is given)")
             continue
         if run_dir.is_complete(name, settings):
-            report.console.print(f"run: {name} already complete in {run_dir.stage_dir(name)} (same settings), skipped")
+            report.console.print(
+                f"run: {name} already complete in {run_dir.stage_dir(name)} (same settings), skipped"
+            )
             continue
         report.console.rule(f"[bold]{name}")
         results[name] = stage(settings)

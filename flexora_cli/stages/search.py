@@ -21,10 +21,23 @@ from flexora_cli.data.datasets import carve_validation, load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.errors import ConfigError
 from flexora_cli.gates import LayerGates
-from flexora_cli.modeling import attach_lora, get_layers, load_model, load_tokenizer, lora_params_per_layer, resolve_device
+from flexora_cli.modeling import (
+    attach_lora,
+    get_layers,
+    load_model,
+    load_tokenizer,
+    lora_params_per_layer,
+    resolve_device,
+)
 from flexora_cli.settings import Settings
 from flexora_cli.stages import planted_layers, setup
-from flexora_cli.training import adamw_with_schedule, answer_loss, check_finite, seed_everything, trainable_parameters
+from flexora_cli.training import (
+    adamw_with_schedule,
+    answer_loss,
+    check_finite,
+    seed_everything,
+    trainable_parameters,
+)
 
 
 def run(cfg: DictConfig | Settings) -> dict:

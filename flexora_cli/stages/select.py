@@ -17,8 +17,13 @@ from flexora_cli.settings import SelectSettings, Settings
 from flexora_cli.stages import planted_layers, setup
 
 
-def select_layers(alpha: list[float], rule: str, k: int | None = None, max_params: int | None = None,
-                  params_per_layer: list[int] | None = None) -> list[int]:
+def select_layers(
+    alpha: list[float],
+    rule: str,
+    k: int | None = None,
+    max_params: int | None = None,
+    params_per_layer: list[int] | None = None,
+) -> list[int]:
     """The selected layer indices (ascending) under `rule`; never empty."""
     ranking = sorted(range(len(alpha)), key=lambda i: (-alpha[i], i))
     if rule == "positive":
@@ -54,7 +59,9 @@ def explicit_layers(spec: SelectSettings, num_layers: int) -> list[int]:
         return list(range(num_layers))
     bad = [i for i in spec.layers if not 0 <= i < num_layers]
     if bad:
-        raise ConfigError(f"select.layers: {bad} out of range for a model with {num_layers} layers (0..{num_layers - 1})")
+        raise ConfigError(
+            f"select.layers: {bad} out of range for a model with {num_layers} layers (0..{num_layers - 1})"
+        )
     return sorted(spec.layers)
 
 

@@ -12,27 +12,53 @@ from flexora_cli.errors import DataError
 from flexora_cli.settings import DatasetSettings
 
 HELLASWAG = {
-    "ind": 24, "activity_label": "Roof shingle removal",
-    "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+    "ind": 24,
+    "activity_label": "Roof shingle removal",
+    "ctx_a": "A man is sitting on a roof.",
+    "ctx_b": "he",
     "ctx": "A man is sitting on a roof. he",
-    "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
-    "source_id": "activitynet~v_-JhWjGDPHMY", "split": "val", "split_type": "indomain", "label": "3",
+    "endings": [
+        "is using wrap to wrap a pair of skis.",
+        "is ripping level tiles off.",
+        "is holding a rubik's cube.",
+        "starts pulling up roofing on a roof.",
+    ],
+    "source_id": "activitynet~v_-JhWjGDPHMY",
+    "split": "val",
+    "split_type": "indomain",
+    "label": "3",
 }
-PIQA = {"goal": "How do I ready a guinea pig cage for it's new occupants?",
-        "sol1": "Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips.",
-        "sol2": "Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans material.",
-        "label": 0}
-WINOGRANDE = {"sentence": "Sarah was a much better surgeon than Maria so _ always got the harder cases.",
-              "option1": "Sarah", "option2": "Maria", "answer": "1"}
-RACE = {"example_id": "high10024.txt", "article": "Last week I talked with some of my students.",
-        "question": "What did the writer talk about?", "options": ["Work", "Students", "Food", "Weather"],
-        "answer": "B"}
-RECORDS = {"hellaswag": (HELLASWAG, 3, 4), "piqa": (PIQA, 0, 2), "winogrande": (WINOGRANDE, 0, 2), "race": (RACE, 1, 4)}
+PIQA = {
+    "goal": "How do I ready a guinea pig cage for it's new occupants?",
+    "sol1": "Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips.",
+    "sol2": "Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans material.",
+    "label": 0,
+}
+WINOGRANDE = {
+    "sentence": "Sarah was a much better surgeon than Maria so _ always got the harder cases.",
+    "option1": "Sarah",
+    "option2": "Maria",
+    "answer": "1",
+}
+RACE = {
+    "example_id": "high10024.txt",
+    "article": "Last week I talked with some of my students.",
+    "question": "What did the writer talk about?",
+    "options": ["Work", "Students", "Food", "Weather"],
+    "answer": "B",
+}
+RECORDS = {
+    "hellaswag": (HELLASWAG, 3, 4),
+    "piqa": (PIQA, 0, 2),
+    "winogrande": (WINOGRANDE, 0, 2),
+    "race": (RACE, 1, 4),
+}
 
 
 def write_split(tmp_path, rows, split="train"):
-    (tmp_path / f"{split}.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    (tmp_path / f"{split}.jsonl").write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    )
     return tmp_path
 
 

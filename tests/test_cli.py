@@ -1,0 +1,59 @@
+"""The `flexora` command: help, Hydra's own flags, and one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flexora_cli.cli import main
+
+
+def flexora(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flexora_cli.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_stages(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("search", "select", "finetune", "eval", "run"):
+        assert f"  {stage} " in out
+
+
+def test_cfg_job_prints_the_composed_config():
+    done = flexora("eval", "recipe=llama3_piqa", "--cfg", "job")
+    assert done.returncode == 0, done.stderr
+    assert (
+        "name_or_path: meta-llama/Meta-Llama-3-8B" in done.stdout
+        and "out_dir: runs/llama3_piqa" in done.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["fly"], 2, "unknown stage 'fly'"),
+        (["search", "recipe=nope"], 2, "valid options for recipe: chatglm3_piqa, demo, gemma_piqa"),
+        (["search", "model=gpt9"], 2, "valid options for model: chatglm3_6b, gemma_7b, llama3_8b"),
+        (["search", "serach.budget=5"], 2, "no such setting"),
+        (["search", "select.rule=best"], 2, "select.rule: 'best' is not one of positive, top_k, budget"),
+        (["search", "lora.r=0", "device=tpu"], 2, "lora.r: must be > 0, got 0; device: 'tpu'"),
+        (["select", "recipe=demo", "select.layers=[2,2]"], 2, "duplicate indices"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code(args, code, message, capsys):
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+
+
+def test_missing_artifact_from_the_command_line(tmp_path):
+    done = flexora("select", "recipe=llama3_piqa", f"out_dir={tmp_path}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: select needs")
+    assert "`flexora search`" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
