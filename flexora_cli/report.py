@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -62,7 +63,7 @@ def alpha_table(
 
 
 def metrics_table(metrics: dict) -> Table:
-    table = Table(title=f"Accuracy on {metrics['dataset']} [{metrics['split']}], n={metrics['n']}")
+    table = Table(title=escape(f"Accuracy on {metrics['dataset']} [{metrics['split']}], n={metrics['n']}"))
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     table.add_column("± stderr", justify="right")
