@@ -21,19 +21,10 @@ STAGES = {
     "eval": ("flexora_cli.stages.evaluate", "accuracy of the base model and of the adapter"),
     "run": ("flexora_cli.stages.run", "all four stages, skipping those already complete"),
 }
+# Hydra flags that point at other config sources (they take a value).
+_CONFIG_SOURCE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
 # Hydra flags that take a value, so the value is not mistaken for an override.
-_FLAGS_WITH_VALUE = {
-    "--cfg",
-    "-c",
-    "--package",
-    "-p",
-    "--config-path",
-    "-cp",
-    "--config-name",
-    "-cn",
-    "--config-dir",
-    "-cd",
-}
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p"} | _CONFIG_SOURCE_FLAGS
 # Flags after which the pre-check is left to Hydra (help, sweeps, other config sources).
 _HYDRA_OWNED = {
     "--help",
@@ -43,16 +34,10 @@ _HYDRA_OWNED = {
     "-m",
     "--info",
     "-i",
-    "--config-path",
-    "-cp",
-    "--config-name",
-    "-cn",
-    "--config-dir",
-    "-cd",
     "--shell-completion",
     "-sc",
     "--version",
-}
+} | _CONFIG_SOURCE_FLAGS
 
 
 def recipes_dir() -> Path:
