@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 
-.PHONY: demo test test-all lint format install clean
+.PHONY: demo test test-all lint format install clean parity
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
@@ -21,6 +21,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PYTHON) -m pytest -q -m ""
+
+# Example-by-example agreement with lm-evaluation-harness (installs it; not part of `make test`).
+parity: $(STAMP)
+	$(PIP) install -q -e ".[dev,lmeval]"
+	$(PYTHON) scripts/compare_lmeval.py
 
 lint: $(STAMP)
 	ruff check flexora_cli tests scripts

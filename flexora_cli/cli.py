@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 
 from flexora_cli import __version__
 from flexora_cli.errors import ConfigError, FlexoraError
+from flexora_cli.settings import recipes_dir
 
 STAGES = {
     "search": ("flexora_cli.stages.search", "fit one gate α̂ per layer and write the ranking"),
     "select": ("flexora_cli.stages.select", "pick layers from the ranking (or select.layers=[...]|all)"),
     "finetune": ("flexora_cli.stages.finetune", "train fresh LoRA on the selected layers only"),
-    "eval": ("flexora_cli.stages.evaluate", "accuracy of the base model and of the adapter"),
+    "eval": ("flexora_cli.stages.evaluate", "accuracy of the base model and adapters, per dataset"),
     "run": ("flexora_cli.stages.run", "all four stages, skipping those already complete"),
 }
 # Hydra flags that point at other config sources (they take a value).
@@ -40,12 +40,6 @@ _HYDRA_OWNED = {
 } | _CONFIG_SOURCE_FLAGS
 
 
-def recipes_dir() -> Path:
-    """recipes/ beside the package in a source checkout, else the copy installed in the package."""
-    source = Path(__file__).resolve().parent.parent / "recipes"
-    return source if (source / "config.yaml").exists() else Path(__file__).resolve().parent / "recipes"
-
-
 def usage() -> str:
     lines = [
         f"flexora {__version__} — Flexora layer selection for LoRA fine-tuning",
@@ -61,7 +55,8 @@ def usage() -> str:
         "  flexora run recipe=demo",
         "  flexora search recipe=llama3_piqa",
         "  flexora finetune recipe=llama3_piqa select.layers=all",
-        "  flexora eval recipe=llama3_piqa --cfg job",
+        "  flexora eval recipe=llama3_piqa format=completion dataset=[piqa,hellaswag]",
+        "  flexora eval recipe=llama3_piqa adapters=[runs/a,runs/b] --cfg job",
         "",
         "`flexora <stage> --help` shows the config groups and options.",
     ]
@@ -83,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"unknown stage '{stage}'; use one of: {', '.join(STAGES)} (see `flexora --help`)"
             )
+        args = expand_shorthands(stage, args)
         if not _HYDRA_OWNED.intersection(args):
             precheck(_overrides(args))
     except FlexoraError as exc:
@@ -90,6 +86,31 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(exc)
     return _run_hydra(stage, args, debug)
+
+
+def expand_shorthands(stage: str, args: list[str]) -> list[str]:
+    """`adapters=[..]` → eval.adapters; `dataset=[a,b]` (eval only) → dataset=a eval.datasets=[a,b].
+
+    Hydra would merge a list of dataset configs into one node, silently mixing their fields.
+    """
+    expanded = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key == "adapters":
+            expanded.append(f"eval.adapters={value}")
+        elif key == "dataset" and value.startswith("["):
+            if stage != "eval":
+                raise ConfigError(
+                    f"{arg}: several datasets work with `flexora eval` only; "
+                    f"train one run per dataset (`flexora {stage} -m dataset=a,b`)"
+                )
+            names = [n.strip() for n in value.strip("[]").split(",") if n.strip()]
+            if not names:
+                raise ConfigError(f"{arg}: empty list; name at least one dataset")
+            expanded += [f"dataset={names[0]}", f"eval.datasets=[{','.join(names)}]"]
+        else:
+            expanded.append(arg)
+    return expanded
 
 
 def precheck(overrides: list[str]) -> None:

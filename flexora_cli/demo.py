@@ -7,6 +7,8 @@
   scaled so that every planted layer moves the answer distribution by the same amount.
 - Multiple-choice data in Hellaswag's hub schema whose gold letter is the one the planted changes
   vote for (argmax of teacher minus base log-probabilities), balanced over letters.
+- The same records re-cast in PIQA's, Winogrande's and RACE's hub schemas (data_piqa/, ...), for
+  exercising every parser and prompt format (their labels carry no planted signal).
 
 LoRA placed on the planted layers can represent the teacher exactly; elsewhere it can only
 approximate it — so the search has a right answer: PLANTED_LAYERS. Everything is deterministic
@@ -29,7 +31,7 @@ PLANTED_LAYERS = (2, 5)
 NUM_LAYERS = 8
 SPLIT_SIZES = {"train": 2800, "validation": 300, "test": 200}
 LETTERS = "ABCD"
-_FORMAT_VERSION = 5  # bump when the assets change, so cached copies are rebuilt
+_FORMAT_VERSION = 6  # bump when the assets change, so cached copies are rebuilt
 
 
 def ensure_assets(directory: str | os.PathLike) -> Path:
@@ -86,14 +88,13 @@ def build(root: Path) -> None:
 
     base.save_pretrained(root / "model", safe_serialization=True)
     tokenizer.save_pretrained(root / "model")
-    (root / "data").mkdir(parents=True)
     start = 0
     for split, size in SPLIT_SIZES.items():
-        rows = records[start : start + size]
+        rows = [{**r, "split": split} for r in records[start : start + size]]
         start += size
-        (root / "data" / f"{split}.jsonl").write_text(
-            "".join(json.dumps({**r, "split": split}) + "\n" for r in rows)
-        )
+        for folder, view in (("data", dict), *VIEWS.items()):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            (root / folder / f"{split}.jsonl").write_text("".join(json.dumps(view(r)) + "\n" for r in rows))
     (root / "assets.json").write_text(
         json.dumps({"version": _FORMAT_VERSION, "planted_layers": list(PLANTED_LAYERS)})
     )
@@ -136,19 +137,61 @@ def _tokenizer(words: list[str]):
 
 
 def _record(rng: random.Random, words: list[str]) -> dict:
-    ctx = " ".join(rng.choice(words) for _ in range(8))
+    ctx = [rng.choice(words) for _ in range(8)]
     return {
         "ind": 0,
         "activity_label": "demo",
-        "ctx_a": ctx,
-        "ctx_b": "",
-        "ctx": ctx,
+        "ctx_a": " ".join(ctx[:5]) + ".",
+        "ctx_b": " ".join(ctx[5:]),
+        "ctx": " ".join(ctx[:5]) + ". " + " ".join(ctx[5:]),
         "endings": [" ".join(rng.choice(words) for _ in range(3)) for _ in range(4)],
         "source_id": "flexora-demo",
         "split": "train",
         "split_type": "indomain",
         "label": "",
     }
+
+
+def _pair(record: dict) -> tuple[list[int], int]:
+    """Two ending indices (gold and a distractor) in a record-dependent order, and the gold's place."""
+    gold = int(record["label"])
+    other = (gold + 1 + record["ind"] % 3) % 4
+    order = [gold, other] if record["ind"] % 2 == 0 else [other, gold]
+    return order, order.index(gold)
+
+
+def _piqa(record: dict) -> dict:
+    order, gold = _pair(record)
+    endings = record["endings"]
+    goal = f"{record['activity_label']}: {record['ctx']}"
+    return {"goal": goal, "sol1": endings[order[0]], "sol2": endings[order[1]], "label": gold}
+
+
+def _winogrande(record: dict) -> dict:
+    order, gold = _pair(record)
+    first_words = [record["endings"][i].split()[0] for i in order]
+    rest = " ".join(record["endings"][order[gold]].split()[1:])
+    sentence = f"{record['ctx']} _ {rest}."
+    return {
+        "sentence": sentence,
+        "option1": first_words[0],
+        "option2": first_words[1],
+        "answer": str(gold + 1),
+    }
+
+
+def _race(record: dict) -> dict:
+    return {
+        "example_id": f"demo{record['ind'] // 3}.txt",
+        "article": f"{record['activity_label']}: {record['ctx']}",
+        "question": "Which ending makes the most sense?",
+        "options": record["endings"],
+        "answer": LETTERS[int(record["label"])],
+    }
+
+
+VIEWS = {"data_piqa": _piqa, "data_winogrande": _winogrande, "data_race": _race}
+"""Folders of the same records in the other hub schemas."""
 
 
 def _prompt(record: dict) -> str:

@@ -62,14 +62,23 @@ def alpha_table(
     return table
 
 
-def metrics_table(metrics: dict) -> Table:
-    table = Table(title=escape(f"Accuracy on {metrics['dataset']} [{metrics['split']}], n={metrics['n']}"))
-    table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    table.add_column("± stderr", justify="right")
-    for variant in ("base", "adapter"):
-        if variant in metrics:
-            table.add_row(variant, f"{metrics[variant]['accuracy']:.4f}", f"{metrics[variant]['stderr']:.4f}")
+def metrics_table(summary: dict) -> Table:
+    """eval/metrics.json as a table: one row per dataset and model variant."""
+    rows = [(d, v, m) for d, result in summary["results"].items() for v, m in result.items()]
+    with_norm = any("acc_norm" in m for _, _, m in rows)
+    table = Table(title=escape(f"Accuracy ({summary['format']} format)"))
+    columns = ["dataset", "split", "n", "model", "acc", "± stderr"] + (
+        ["acc_norm", "± stderr"] if with_norm else []
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("dataset", "split", "model") else "right")
+    for dataset, variant, metrics in rows:
+        cells = [escape(dataset), escape(summary["splits"][dataset]), str(metrics["n"]), escape(variant)]
+        cells += [f"{metrics['acc']:.4f}", f"{metrics['acc_stderr']:.4f}"]
+        if with_norm:
+            has = "acc_norm" in metrics
+            cells += [f"{metrics['acc_norm']:.4f}", f"{metrics['acc_norm_stderr']:.4f}"] if has else ["–", ""]
+        table.add_row(*cells)
     return table
 
 

@@ -1,51 +1,113 @@
-"""Log-likelihood scoring of multiple-choice continuations, batched.
+"""Log-likelihood scoring of multiple-choice prompts, and lm-eval-style accuracy metrics.
 
-Each choice is scored as the summed log-probability of its continuation tokens after the context.
-When every choice is a single token after the same context (lettered MCQ), one forward pass of the
-context scores them all. Sequences are sorted by length, left-padded (with explicit position ids,
-so padding never shifts positions) and only the logits of the scored positions are kept.
+A choice's score is the summed log-probability of its continuation tokens after its context
+(tokenised as lm-eval does, data/batches.split_tokens). For speed, the choices of one example are
+packed into one row: the token prefix they share is computed once, then each choice's remaining
+tokens follow as a branch that sees the shared prefix and itself only (a 4-D attention mask, with
+position ids restarting after the prefix). For a lettered prompt the branches are single tokens,
+so one pass of the context scores every letter. Models whose attention cannot take a custom mask
+get one row per choice instead. Rows are sorted by length (longest first, so an out-of-memory
+error surfaces on the first batch), right-padded, and only the logits from the first scored
+position on are computed.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import find_executable_batch_size
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from flexora_cli.data.batches import split_tokens
+from flexora_cli.data.batches import split_pairs
 from flexora_cli.data.prompts import Prompt
+
+PACKABLE_MODEL_TYPES = ("llama", "mistral", "gemma", "qwen2", "qwen3")
+"""Architectures whose attention honours a custom 4-D mask with explicit position ids."""
 
 
 @dataclass
-class _Sequence:
+class _Row:
+    """One forward-pass row: tokens, their positions and branch ids, and what to score."""
+
     prompt_index: int
-    choice_indices: list[int]
-    """Choices scored from this sequence: one (full continuation) or all (single-token choices)."""
     tokens: list[int]
-    targets: list[list[int]]
-    """Per choice, the tokens scored at the sequence's last len(targets[k]) positions."""
-    context_only: bool
-    """True when `tokens` is the shared context and every target is one next token."""
+    positions: list[int]
+    branches: list[int]
+    """-1 for the shared prefix, else the branch's id; a token sees the prefix and its own branch."""
+    scored: list[tuple[int, list[int], list[int]]]
+    """(choice, row index whose logits predict each target token, target tokens)."""
 
 
-def _sequences(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_length: int) -> list[_Sequence]:
-    sequences = []
+def _pack(prompt_index: int, pairs: list[tuple[list[int], list[int]]], choices: list[int]) -> _Row:
+    """Pack (context ids, continuation ids) pairs for `choices` into one row sharing their prefix."""
+    sequences = [context + continuation for context, continuation in pairs]
+    shared = 0
+    while all(len(s) > shared and s[shared] == sequences[0][shared] for s in sequences):
+        shared += 1
+    tokens, positions, branches = sequences[0][:shared], list(range(shared)), [-1] * shared
+    scored = []
+    for branch, (choice, (context, _), sequence) in enumerate(zip(choices, pairs, sequences)):
+        offset = len(tokens)
+        tokens += sequence[shared:]
+        positions += range(shared, len(sequence))
+        branches += [branch] * (len(sequence) - shared)
+        # Token k of the sequence is predicted by sequence position k-1, which sits in the prefix
+        # or at its place in this branch.
+        predictors = [
+            k - 1 if k - 1 < shared else offset + k - 1 - shared for k in range(len(context), len(sequence))
+        ]
+        scored.append((choice, predictors, sequence[len(context) :]))
+    return _Row(prompt_index, tokens, positions, branches, scored)
+
+
+def _rows(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_length: int, share_prefix: bool
+) -> list[_Row]:
+    texts = [pair for prompt in prompts for pair in zip(prompt.contexts, prompt.continuations)]
+    tokens = iter(split_pairs(tokenizer, texts, max_length))
+    rows = []
     for index, prompt in enumerate(prompts):
-        parts = [split_tokens(tokenizer, prompt.context, c, max_length) for c in prompt.continuations]
-        contexts = {tuple(context) for context, _ in parts}
-        if len(contexts) == 1 and all(len(continuation) == 1 for _, continuation in parts):
-            choices = list(range(len(parts)))
-            sequences.append(_Sequence(index, choices, parts[0][0], [c for _, c in parts], context_only=True))
+        pairs = [next(tokens) for _ in prompt.continuations]
+        if share_prefix:
+            rows.append(_pack(index, pairs, list(range(len(pairs)))))
         else:
-            for choice, (context, continuation) in enumerate(parts):
-                sequences.append(
-                    _Sequence(index, [choice], context + continuation, [continuation], context_only=False)
-                )
-    return sequences
+            rows += [_pack(index, [pair], [choice]) for choice, pair in enumerate(pairs)]
+    return rows
+
+
+def can_share_prefix(model: nn.Module) -> bool:
+    """Whether `model` accepts the packed rows' custom attention mask (see PACKABLE_MODEL_TYPES)."""
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    return getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES and implementation in ("sdpa", "eager")
+
+
+def _batch_inputs(
+    batch: list[_Row], pad_id: int, dtype: torch.dtype, packed: bool
+) -> dict[str, torch.Tensor]:
+    width = max(len(row.tokens) for row in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    positions = torch.arange(width).repeat(len(batch), 1)
+    for i, row in enumerate(batch):
+        input_ids[i, : len(row.tokens)] = torch.tensor(row.tokens)
+        positions[i, : len(row.tokens)] = torch.tensor(row.positions)
+    if not packed:
+        lengths = torch.tensor([len(row.tokens) for row in batch])
+        return {"input_ids": input_ids, "attention_mask": (torch.arange(width) < lengths[:, None]).long()}
+    allowed = torch.zeros((len(batch), width, width), dtype=torch.bool)
+    for i, row in enumerate(batch):
+        branch = torch.tensor(row.branches)
+        n = len(row.tokens)
+        same_branch = (branch[None, :] == -1) | (branch[None, :] == branch[:, None])
+        allowed[i, :n, :n] = same_branch & torch.ones(n, n, dtype=torch.bool).tril()
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves: no all-masked row
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": positions}
 
 
 @torch.no_grad()
@@ -53,51 +115,80 @@ def score(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[Prompt],
-    batch_size: int,
+    batch_size: int | str,
     max_length: int,
-    on_batch: Callable[[int], None] | None = None,
+    share_prefix: bool | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[list[float]]:
-    """Summed log-probability of every continuation of every prompt: scores[prompt][choice]."""
+    """Summed log-probability of every continuation of every prompt: scores[prompt][choice].
+
+    `batch_size` is rows per forward pass, or "auto": start at 64 and halve on out-of-memory.
+    `share_prefix` None: pack when the model supports it (can_share_prefix). `on_progress` gets
+    (rows done, rows in all) after each batch.
+    """
+    packed = can_share_prefix(model) if share_prefix is None else share_prefix
+    rows = sorted(_rows(tokenizer, prompts, max_length, packed), key=lambda r: -len(r.tokens))
     device = next(model.parameters()).device
-    accepts = set(inspect.signature(model.forward).parameters) | set(
-        inspect.signature(getattr(model, "get_base_model", lambda: model)().forward).parameters
-    )
-    scores = [[0.0] * len(p.continuations) for p in prompts]
-    sequences = sorted(_sequences(tokenizer, prompts, max_length), key=lambda s: -len(s.tokens))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(sequences), batch_size):
-        batch = sequences[start : start + batch_size]
-        width = max(len(s.tokens) for s in batch)
-        # Positions to keep: the last (continuation length) inputs predict the scored tokens.
-        keep = max(max(len(t) for t in s.targets) for s in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            input_ids[row, width - len(seq.tokens) :] = torch.tensor(seq.tokens)
-            mask[row, width - len(seq.tokens) :] = 1
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-        if "position_ids" in accepts:
-            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-        if "logits_to_keep" in accepts:
-            inputs["logits_to_keep"] = keep + 1
-        logits = model(**inputs).logits[:, -(keep + 1) :].float()
-        # logits[:, j] predicts the token after input position j; for single-token choices of a
-        # context-only sequence the prediction is at the last position.
-        for row, seq in enumerate(batch):
-            for choice, target in zip(seq.choice_indices, seq.targets):
-                step_logits = logits[row, -1:] if seq.context_only else logits[row, -len(target) - 1 : -1]
-                logprobs = step_logits.log_softmax(-1)
-                picked = logprobs.gather(-1, torch.tensor(target, device=logprobs.device).unsqueeze(-1))
-                scores[seq.prompt_index][choice] = float(picked.sum())
-        if on_batch:
-            on_batch(len(batch))
-    return scores
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    keeps_logits = "logits_to_keep" in inspect.signature(forward).parameters
+
+    def run_batches(rows_per_pass: int) -> list[list[float]]:
+        scores = [[math.nan] * len(p.continuations) for p in prompts]
+        for start in range(0, len(rows), rows_per_pass):
+            batch = rows[start : start + rows_per_pass]
+            inputs = {k: v.to(device) for k, v in _batch_inputs(batch, pad_id, dtype, packed).items()}
+            first = min(p[0] for row in batch for _, p, _ in row.scored)
+            width = inputs["input_ids"].shape[1]
+            if keeps_logits:
+                inputs["logits_to_keep"] = width - first
+            logits = model(**inputs).logits
+            logits = logits[:, logits.shape[1] - (width - first) :].float()
+            for i, row in enumerate(batch):
+                for choice, predictors, targets in row.scored:
+                    logprobs = logits[i, [p - first for p in predictors]].log_softmax(-1)
+                    picked = logprobs.gather(-1, torch.tensor(targets, device=device)[:, None])
+                    scores[row.prompt_index][choice] = float(picked.sum())
+            if on_progress:
+                on_progress(start + len(batch), len(rows))
+        return scores
+
+    if batch_size == "auto":
+        return find_executable_batch_size(run_batches, starting_batch_size=64)()
+    return run_batches(int(batch_size))
 
 
-def accuracy(scores: list[list[float]], golds: list[int]) -> tuple[list[int], float, float]:
-    """(predictions, accuracy, standard error); ties go to the lowest index."""
-    predictions = [max(range(len(s)), key=lambda i: (s[i], -i)) for s in scores]
-    n = len(golds)
-    acc = sum(p == g for p, g in zip(predictions, golds)) / n
-    stderr = (acc * (1 - acc) / (n - 1)) ** 0.5 if n > 1 else 0.0
-    return predictions, acc, stderr
+def _argmax(values: list[float]) -> int:
+    """Index of the largest value; ties go to the lowest index (numpy's argmax, as lm-eval)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def mean_stderr(correct: list[bool]) -> float:
+    """lm-eval's standard error of a mean: sample standard deviation (n-1) / sqrt(n)."""
+    n = len(correct)
+    if n < 2:
+        return 0.0
+    p = sum(correct) / n
+    return math.sqrt(p * (1 - p) / (n - 1))
+
+
+def choice_metrics(scores: list[list[float]], prompts: list[Prompt]) -> tuple[dict, list[dict]]:
+    """lm-eval's multiple-choice metrics and per-example predictions.
+
+    acc: argmax of the summed log-likelihood. acc_norm (only when every prompt defines choice
+    lengths): argmax of log-likelihood ÷ the choice's length in characters.
+    """
+    golds = [p.gold for p in prompts]
+    predicted = [_argmax(s) for s in scores]
+    correct = [p == g for p, g in zip(predicted, golds)]
+    metrics = {"n": len(prompts), "acc": sum(correct) / len(prompts), "acc_stderr": mean_stderr(correct)}
+    examples = [{"predicted": p, "scores": s} for p, s in zip(predicted, scores)]
+    if all(p.choice_chars for p in prompts):
+        normed = [_argmax([v / n for v, n in zip(s, p.choice_chars)]) for s, p in zip(scores, prompts)]
+        correct_norm = [p == g for p, g in zip(normed, golds)]
+        metrics["acc_norm"] = sum(correct_norm) / len(prompts)
+        metrics["acc_norm_stderr"] = mean_stderr(correct_norm)
+        for example, p in zip(examples, normed):
+            example["predicted_norm"] = p
+    return metrics, examples

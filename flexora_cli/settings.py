@@ -8,6 +8,7 @@ The YAML files under recipes/ hold the values; these dataclasses hold the names,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +20,7 @@ DATASET_SCHEMAS = ("hellaswag", "piqa", "winogrande", "race")
 SELECT_RULES = ("positive", "top_k", "budget")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-FORMATS = ("mcq",)
+FORMATS = ("mcq", "completion")
 
 
 @dataclass
@@ -60,10 +61,11 @@ class DatasetSettings:
     """Split that LoRA (and the α validation carve-out) come from."""
     eval_split: str = "validation"
     """Split that `flexora eval` scores."""
+    race_grouping: str = "question"
+    """RACE only: question (one example per question) or article (lm-eval's race task: the last
+    question of each article, earlier ones answered in the context; needs example_id)."""
     max_train_samples: int | None = None
     """Cap on training examples for finetune (None: all)."""
-    max_eval_samples: int | None = None
-    """Cap on evaluation examples (None: all)."""
 
 
 @dataclass
@@ -140,12 +142,24 @@ class FinetuneSettings:
 
 @dataclass
 class EvalSettings:
-    """Stage 4b: accuracy of the base model and of the adapter."""
+    """Stage 4b: accuracy of the base model and of adapters, on one or several datasets."""
 
-    batch_size: int = 16
-    """Sequences per forward pass when scoring."""
+    batch_size: Any = "auto"
+    """Rows per forward pass (a row holds every choice of one example), or auto: the largest that fits."""
     include_base: bool = True
     """Also score the base model without adapter."""
+    format: str | None = None
+    """Prompt format to score with; None: the run's `format` (the one finetune trained with)."""
+    datasets: list[str] | None = None
+    """Dataset configs (recipes/dataset/NAME) to evaluate on; None: the run's dataset.
+    `flexora eval dataset=[piqa,hellaswag]` sets this."""
+    adapters: list[str] | None = None
+    """Run directories (or adapter directories) whose adapters to score; None: this run's adapter;
+    []: the base model only. `flexora eval adapters=[runA,runB]` sets this."""
+    limit: int | None = None
+    """Score only the first N examples of each dataset (lm-eval's --limit); None: all."""
+    share_prefix: bool | None = None
+    """Compute the context shared by the choices once (None: wherever the architecture allows)."""
 
 
 @dataclass
@@ -166,7 +180,8 @@ class Settings:
     device: str = "auto"
     """cpu, cuda or auto (cuda when available)."""
     format: str = "mcq"
-    """Prompt format for training and eval (mcq: lettered options, score the answer letter)."""
+    """Prompt format for search, finetune and (unless eval.format is set) eval: mcq (lettered
+    options, score the letter; the paper's) or completion (lm-evaluation-harness's task prompts)."""
     max_length: int = 1024
     """Longest tokenised prompt+answer; longer examples are truncated from the left of the context."""
     demo_assets: str | None = None
@@ -195,6 +210,10 @@ class Settings:
         check(
             self.dataset.schema in DATASET_SCHEMAS,
             f"dataset.schema: {self.dataset.schema!r} is not one of {', '.join(DATASET_SCHEMAS)}",
+        )
+        check(
+            self.dataset.race_grouping in ("question", "article"),
+            f"dataset.race_grouping: {self.dataset.race_grouping!r} is not one of question, article",
         )
         check(
             self.dataset.data_dir is not None or self.dataset.hub_id is not None,
@@ -233,7 +252,22 @@ class Settings:
         for key in ("epochs", "batch_size", "grad_accum", "lr", "log_every"):
             value = getattr(self.finetune, key)
             check(value > 0, f"finetune.{key}: must be > 0, got {value}")
-        check(self.eval.batch_size > 0, f"eval.batch_size: must be > 0, got {self.eval.batch_size}")
+        batch = self.eval.batch_size
+        check(
+            batch == "auto" or (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0),
+            f"eval.batch_size: must be a positive integer or auto, got {batch!r}",
+        )
+        check(
+            self.eval.format is None or self.eval.format in FORMATS,
+            f"eval.format: {self.eval.format!r} is not one of {', '.join(FORMATS)}",
+        )
+        check(
+            self.eval.limit is None or self.eval.limit > 0, f"eval.limit: must be > 0, got {self.eval.limit}"
+        )
+        check(
+            self.eval.datasets is None or len(self.eval.datasets) > 0,
+            "eval.datasets: empty list; name at least one dataset config or leave it unset",
+        )
         check(self.device in DEVICES, f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         check(self.format in FORMATS, f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
         check(self.max_length > 8, f"max_length: must be > 8, got {self.max_length}")
@@ -252,10 +286,38 @@ def load(cfg: DictConfig | Settings) -> Settings:
             raise ConfigError(f"{_first_line(exc)} (check the spelling and type of the override)") from exc
     if isinstance(settings.select.layers, (list, tuple)) or OmegaConf.is_list(settings.select.layers):
         settings.select.layers = list(settings.select.layers)
+    if isinstance(settings.eval.batch_size, str) and settings.eval.batch_size.isdigit():
+        settings.eval.batch_size = int(settings.eval.batch_size)
     problems = settings.validate()
     if problems:
         raise ConfigError("invalid settings: " + "; ".join(problems))
     return settings
+
+
+def recipes_dir() -> Path:
+    """recipes/ beside the package in a source checkout, else the copy installed in the package."""
+    source = Path(__file__).resolve().parent.parent / "recipes"
+    return source if (source / "config.yaml").exists() else Path(__file__).resolve().parent / "recipes"
+
+
+def dataset_settings(name: str, settings: Settings) -> DatasetSettings:
+    """The dataset config recipes/dataset/NAME.yaml, resolved against `settings` (e.g. demo_assets).
+
+    The run's own dataset keeps the command line's overrides.
+    """
+    if name == settings.dataset.name:
+        return settings.dataset
+    path = recipes_dir() / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"eval.datasets: no dataset config '{name}'; choose from {valid}")
+    root = OmegaConf.create({"demo_assets": settings.demo_assets, "dataset": OmegaConf.load(path)})
+    try:
+        values = OmegaConf.to_container(root.dataset, resolve=True)
+        merged = OmegaConf.merge(OmegaConf.structured(DatasetSettings), values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: Exception) -> str:

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from flexora_cli import demo
-from flexora_cli.cli import recipes_dir
+from flexora_cli.settings import recipes_dir
 
 torch.set_num_threads(2)
 
@@ -36,7 +36,7 @@ def tiny_cfg(demo_dir, tmp_path):
             "search.log_every=2",
             "finetune.epochs=0.5",
             "dataset.max_train_samples=128",
-            "dataset.max_eval_samples=40",
+            "eval.limit=40",
         ]
         return compose_config(
             "recipe=demo", f"demo_assets={demo_dir}", f"out_dir={tmp_path / 'run'}", *quick, *overrides

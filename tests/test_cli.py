@@ -57,3 +57,22 @@ def test_missing_artifact_from_the_command_line(tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith("error: select needs")
     assert "`flexora search`" in done.stderr and "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_dataset_and_adapter_lists_expand_for_eval():
+    from flexora_cli.cli import expand_shorthands
+
+    assert expand_shorthands("eval", ["dataset=[piqa, hellaswag]", "adapters=[runs/a,runs/b]", "seed=1"]) == [
+        "dataset=piqa",
+        "eval.datasets=[piqa,hellaswag]",
+        "eval.adapters=[runs/a,runs/b]",
+        "seed=1",
+    ]
+    assert expand_shorthands("search", ["dataset=piqa"]) == ["dataset=piqa"]
+
+
+def test_dataset_list_outside_eval_is_one_clear_error(capsys):
+    assert main(["search", "recipe=demo", "dataset=[piqa,hellaswag]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: dataset=[piqa,hellaswag]: several datasets work with `flexora eval` only")
+    assert len(err.splitlines()) == 1

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flexora_cli.cli import recipes_dir
-from flexora_cli.settings import load
+from flexora_cli.settings import load, recipes_dir
 from tests.conftest import compose_config
 
 GROUPS = ["model", "dataset", "lora", "search", "select", "finetune", "eval"]
@@ -35,7 +34,7 @@ def test_recipe_composes_and_validates(recipe):
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_group_option_composes(group, option):
-    extra = ["demo_assets=/tmp/x"] if option in ("tiny", "demo") else []
+    extra = ["demo_assets=/tmp/x"] if option == "tiny" or option.startswith("demo") else []
     load(compose_config(f"{group}={option}", *extra))
 
 

@@ -1,13 +1,16 @@
-"""Batched scoring equals a plain, unbatched log-likelihood computation."""
+"""Scoring equals a plain, unbatched log-likelihood computation; metrics follow lm-eval."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from flexora_cli.data.batches import split_tokens
 from flexora_cli.data.prompts import Prompt
 from flexora_cli.modeling import load_model, load_tokenizer
-from flexora_cli.scoring import accuracy, score
+from flexora_cli.scoring import can_share_prefix, choice_metrics, mean_stderr, score
 from flexora_cli.settings import ModelSettings
 
 
@@ -18,22 +21,63 @@ def reference(model, tokenizer, context, continuation):
     return sum(float(logprobs[len(context_ids) - 1 + i, t]) for i, t in enumerate(continuation_ids))
 
 
-def test_batched_scores_match_unbatched(demo_dir):
+def shared(context, continuations, gold):
+    return Prompt([context] * len(continuations), continuations, gold)
+
+
+PROMPTS = [
+    shared("demo: kalo duvi\nAnswer:", [" A", " B", " C", " D"], 1),  # single-token letters
+    shared("demo: kalo", [" duvi kalo hene", " ga", " lopo lopo"], 0),  # multi-token choices
+    shared("demo: hene lodu lolo lopo kapo gami kare hega\nAnswer:", [" A", " B"], 1),
+    Prompt(["The kalo", "The duvi hene"], [" went lopo.", " went lopo."], 0),  # partial scoring
+    shared("demo: kalo ", ["duvi", "duvi"], 0),  # trailing space moves; identical choices
+    shared("", [" kalo", " duvi hene"], 1),  # empty context: BOS conditions
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(demo_dir):
     spec = ModelSettings(name_or_path=f"{demo_dir}/model", dtype="float32")
-    tokenizer, model = load_tokenizer(spec), load_model(spec, torch.device("cpu"))
-    prompts = [
-        Prompt("demo: kalo duvi\nAnswer:", [" A", " B", " C", " D"], 1),  # single-token fast path
-        Prompt("demo: kalo", [" duvi kalo hene", " ga", " lopo lopo"], 0),  # multi-token choices
-        Prompt("demo: hene lodu lolo lopo kapo gami kare hega\nAnswer:", [" A", " B"], 1),
-    ]
+    return load_tokenizer(spec), load_model(spec, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 2, 64])
+def test_scores_match_unbatched_reference(tiny, share_prefix, batch_size):
+    tokenizer, model = tiny
+    scores = score(model, tokenizer, PROMPTS, batch_size, 512, share_prefix=share_prefix)
     with torch.no_grad():
-        scores = score(model, tokenizer, prompts, batch_size=2, max_length=512)
-        for prompt, row in zip(prompts, scores):
-            for continuation, value in zip(prompt.continuations, row):
-                assert abs(value - reference(model, tokenizer, prompt.context, continuation)) < 1e-4
+        for prompt, row in zip(PROMPTS, scores):
+            for context, continuation, value in zip(prompt.contexts, prompt.continuations, row):
+                assert value == pytest.approx(reference(model, tokenizer, context, continuation), abs=1e-4)
 
 
-def test_accuracy_ties_go_to_lowest_index_and_stderr():
-    predictions, acc, stderr = accuracy([[1.0, 1.0], [0.0, 2.0], [3.0, 1.0], [0.0, 0.5]], [0, 1, 1, 1])
-    assert predictions == [0, 1, 0, 1]
-    assert acc == 0.75 and abs(stderr - (0.75 * 0.25 / 3) ** 0.5) < 1e-12
+def test_tiny_llama_packs_prefixes(tiny):
+    assert can_share_prefix(tiny[1])
+
+
+def test_metrics_match_hand_computed_values():
+    prompts = [
+        Prompt(["c"] * 2, [" a", " bbbb"], 1, [1, 4]),
+        Prompt(["c"] * 2, [" aa", " b"], 0, [2, 1]),
+        Prompt(["c"] * 2, [" a", " b"], 0, [1, 1]),
+        Prompt(["c"] * 2, [" a", " bbb"], 1, [1, 3]),
+    ]
+    scores = [[-2.0, -4.0], [-3.0, -2.0], [-1.0, -1.0], [-1.0, -6.0]]
+    metrics, examples = choice_metrics(scores, prompts)
+    # acc: argmax of sums → [0, 1, 0 (tie → lowest), 0]; gold [1, 0, 0, 1] → 1/4 correct.
+    assert [e["predicted"] for e in examples] == [0, 1, 0, 0]
+    assert metrics["acc"] == 0.25
+    # acc_norm: sums ÷ characters → [-2, -1], [-1.5, -2], [-1, -1], [-1, -2] → [1, 0, 0, 0] → 3/4.
+    assert [e["predicted_norm"] for e in examples] == [1, 0, 0, 0]
+    assert metrics["acc_norm"] == 0.75
+    # lm-eval's stderr: sqrt(p(1-p)/(n-1)).
+    assert metrics["acc_stderr"] == pytest.approx(math.sqrt(0.25 * 0.75 / 3))
+    assert metrics["acc_norm_stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    assert metrics["n"] == 4
+
+
+def test_acc_norm_is_absent_where_undefined():
+    metrics, examples = choice_metrics([[0.0, -1.0]], [Prompt(["a", "b"], [" c", " c"], 0)])
+    assert "acc_norm" not in metrics and "predicted_norm" not in examples[0]
+    assert metrics["acc_stderr"] == 0.0 and mean_stderr([True, False]) == pytest.approx(0.5)

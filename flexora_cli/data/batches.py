@@ -18,16 +18,43 @@ from flexora_cli.data.prompts import Prompt
 def split_tokens(
     tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, max_length: int
 ) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids), the context cut from the left to fit `max_length`."""
-    whole = tokenizer(context + continuation)["input_ids"]
-    context_len = len(tokenizer(context)["input_ids"])
-    if context_len >= len(whole):  # the continuation merged into the context's last token
-        context_len = len(whole) - 1
-    context_ids, continuation_ids = whole[:context_len], whole[context_len:]
-    keep = max_length - len(continuation_ids)
-    if len(context_ids) > keep:
-        context_ids = context_ids[:1] + context_ids[len(context_ids) - keep + 1 :]  # keep BOS/first token
-    return context_ids, continuation_ids
+    """(context ids, continuation ids) of one pair; see split_pairs."""
+    return split_pairs(tokenizer, [(context, continuation)], max_length)[0]
+
+
+def split_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per (context, continuation) pair, tokenised in bulk.
+
+    As lm-eval does: trailing spaces of the context move to the continuation, the continuation's
+    ids are those of tokenize(context + continuation) past len(tokenize(context)), and an empty
+    context becomes the BOS (else EOS) token. Contexts too long for `max_length` lose tokens from
+    the left, after the first (BOS) token.
+    """
+    moved = []
+    for context, continuation in pairs:
+        stripped = context.rstrip()
+        moved.append((stripped, context[len(stripped) :] + continuation))
+    contexts = sorted({context for context, _ in moved if context})
+    context_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"])) if contexts else {}
+    wholes = iter(tokenizer([c + k for c, k in moved if c])["input_ids"] if context_ids else [])
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    split = []
+    for context, continuation in moved:
+        if context:
+            whole = next(wholes)
+            # min(): the continuation may merge into the context's last token; keep one to score.
+            cut = min(len(context_ids[context]), len(whole) - 1)
+            ids = (whole[:cut], whole[cut:])
+        else:
+            ids = ([prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        context_part, continuation_part = ids
+        keep = max_length - len(continuation_part)
+        if len(context_part) > keep:
+            context_part = context_part[:1] + context_part[len(context_part) - keep + 1 :]
+        split.append((context_part, continuation_part))
+    return split
 
 
 def training_features(
@@ -37,7 +64,7 @@ def training_features(
     features = []
     for prompt in prompts:
         context_ids, answer_ids = split_tokens(
-            tokenizer, prompt.context, prompt.continuations[prompt.gold], max_length
+            tokenizer, prompt.contexts[prompt.gold], prompt.continuations[prompt.gold], max_length
         )
         features.append(
             {"input_ids": context_ids + answer_ids, "labels": [-100] * len(context_ids) + answer_ids}

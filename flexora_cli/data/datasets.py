@@ -20,13 +20,15 @@ from flexora_cli.settings import DatasetSettings
 class MCExample:
     """One multiple-choice question: the prompt pieces, the options and the gold index."""
 
+    schema: str
+    """The hub schema the record came from (hellaswag, piqa, winogrande, race)."""
     context: str
     """Text before the question (passage, scenario); may be empty."""
     question: str
     choices: list[str]
     gold: int
     record: dict = field(default_factory=dict, compare=False, repr=False)
-    """The raw record, for prompt formats that need schema-specific fields."""
+    """The raw record, for prompt formats that need schema-specific fields (already validated)."""
 
 
 class _Record:
@@ -73,7 +75,9 @@ class _Record:
 def _hellaswag(rec: _Record) -> MCExample:
     context = f"{rec.text('activity_label')}: {rec.text('ctx')}"
     endings = rec.texts("endings", 4)
+    rec.text("ctx_a"), rec.text("ctx_b", allow_empty=True)  # the completion format's context
     return MCExample(
+        "hellaswag",
         context,
         "Which ending makes the most sense?",
         endings,
@@ -84,7 +88,12 @@ def _hellaswag(rec: _Record) -> MCExample:
 
 def _piqa(rec: _Record) -> MCExample:
     return MCExample(
-        "", rec.text("goal"), [rec.text("sol1"), rec.text("sol2")], rec.label("label", ["0", "1"]), rec.raw
+        "piqa",
+        "",
+        rec.text("goal"),
+        [rec.text("sol1"), rec.text("sol2")],
+        rec.label("label", ["0", "1"]),
+        rec.raw,
     )
 
 
@@ -94,14 +103,19 @@ def _winogrande(rec: _Record) -> MCExample:
         raise rec.fail("sentence", f"expected exactly one '_' blank, found {sentence.count('_')}")
     options = [rec.text("option1"), rec.text("option2")]
     return MCExample(
-        sentence, "Which option best fills the blank (_)?", options, rec.label("answer", ["1", "2"]), rec.raw
+        "winogrande",
+        sentence,
+        "Which option best fills the blank (_)?",
+        options,
+        rec.label("answer", ["1", "2"]),
+        rec.raw,
     )
 
 
 def _race(rec: _Record) -> MCExample:
     options = rec.texts("options", 4)
     gold = rec.label("answer", ["A", "B", "C", "D"])
-    return MCExample(f"Article: {rec.text('article')}", rec.text("question"), options, gold, rec.raw)
+    return MCExample("race", f"Article: {rec.text('article')}", rec.text("question"), options, gold, rec.raw)
 
 
 PARSERS: dict[str, Callable[[_Record], MCExample]] = {
@@ -118,10 +132,38 @@ def parse_records(schema: str, records: Iterable[tuple[str, object]]) -> list[MC
     return [parser(_Record(raw, where)) for where, raw in records]
 
 
+def last_question_per_article(examples: list[MCExample]) -> list[MCExample]:
+    """lm-eval's `race` grouping: one example per article (records sharing `example_id`), asking
+    its last question with the earlier ones answered in the context, as lm-eval writes them."""
+    articles: dict[str, list[MCExample]] = {}
+    for example in examples:
+        if "example_id" not in example.record:
+            raise DataError(
+                "dataset.race_grouping=article needs the 'example_id' field (ehovy/race schema) to "
+                "group questions by article; use race_grouping=question for these records"
+            )
+        articles.setdefault(example.record["example_id"], []).append(example)
+    grouped = []
+    for questions in articles.values():
+        *earlier, last = questions
+        text = f"Article: {last.record['article']}\n\n"
+        for problem in earlier:
+            answer = problem.choices[problem.gold]
+            if problem.question[-6:] == "  _  .":  # a cloze question: fill the blank inline
+                text += problem.question[:-5] + answer + "\n"
+            else:
+                text += f"Question: {problem.question}\nAnswer: {answer}\n"
+        record = {**last.record, "lm_eval_text": text + last.question}
+        grouped.append(MCExample("race", text.rstrip("\n"), last.question, last.choices, last.gold, record))
+    return grouped
+
+
 def load_split(spec: DatasetSettings, split: str) -> list[MCExample]:
     """All examples of one split, from `spec.data_dir` if set, else from the hub."""
     records = _local_records(spec, split) if spec.data_dir else _hub_records(spec, split)
     examples = parse_records(spec.schema, records)
+    if spec.schema == "race" and spec.race_grouping == "article":
+        examples = last_question_per_article(examples)
     if not examples:
         source = Path(spec.data_dir) / f"{split}.jsonl" if spec.data_dir else f"{spec.hub_id}[{split}]"
         raise DataError(f"{source}: split '{split}' is empty; give it at least one record")

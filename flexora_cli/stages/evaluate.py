@@ -1,68 +1,149 @@
-"""Stage 4b — accuracy of the base model and of the fine-tuned adapter on the eval split.
+"""Stage 4b — accuracy of the base model and of adapters, on one or several datasets.
 
-Each choice is scored by log-likelihood (scoring.py); the prediction is the best-scoring choice.
-Output: eval/metrics.json and eval/predictions.jsonl (one line per example, per-choice scores).
+Setup loads every dataset first (bad data fails before the model loads), then the base model once
+with every adapter attached under its own name. The loop scores each dataset with each variant
+(the base with adapters disabled, then each adapter) by log-likelihood (scoring.py) and computes
+lm-eval's metrics. Save: eval/metrics.json (results[dataset][variant]: acc, acc_norm where
+defined, their stderr, n) and eval/predictions.jsonl (per example: gold, each variant's prediction and scores).
 """
 
 from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
 
 from omegaconf import DictConfig
 from peft import PeftModel
 
 from flexora_cli import report
 from flexora_cli.data.datasets import load_split
-from flexora_cli.data.prompts import build_prompts
-from flexora_cli.errors import MissingArtifactError
+from flexora_cli.data.prompts import Prompt, build_prompts
+from flexora_cli.errors import ConfigError, MissingArtifactError, ModelError
 from flexora_cli.modeling import load_model, load_tokenizer, resolve_device
-from flexora_cli.scoring import accuracy, score
-from flexora_cli.settings import Settings
+from flexora_cli.rundir import RunDir
+from flexora_cli.scoring import choice_metrics, score
+from flexora_cli.settings import Settings, dataset_settings
 from flexora_cli.stages import setup
 
 
 def run(cfg: DictConfig | Settings) -> dict:
+    # -- setup -------------------------------------------------------------------------------
     settings, run_dir = setup(cfg)
-    adapter_config = run_dir.adapter_dir / "adapter_config.json"
-    if not adapter_config.exists():
-        raise MissingArtifactError(adapter_config, "finetune", "eval")
+    eval_format = settings.eval.format or settings.format
+    adapters = _adapter_dirs(settings, run_dir)
+    tasks: dict[str, tuple[str, list[Prompt]]] = {}
+    for name in settings.eval.datasets or [settings.dataset.name]:
+        spec = dataset_settings(name, settings)
+        examples = load_split(spec, spec.eval_split)[: settings.eval.limit]
+        tasks[spec.name] = (spec.eval_split, build_prompts(examples, eval_format))
     device = resolve_device(settings.device)
-
-    split = settings.dataset.eval_split
-    examples = load_split(settings.dataset, split)[: settings.dataset.max_eval_samples]
-    prompts = build_prompts(examples, settings.format)
-    golds = [p.gold for p in prompts]
     tokenizer = load_tokenizer(settings.model)
     model = load_model(settings.model, device)
+    model = _attach_adapters(model, adapters, settings)
     run_dir.begin_stage("eval", settings)
 
-    variants = {}
-    if settings.eval.include_base:
-        variants["base"] = _score(model, tokenizer, prompts, settings, "eval base")
-    model = PeftModel.from_pretrained(model, str(run_dir.adapter_dir)).eval()
-    variants["adapter"] = _score(model, tokenizer, prompts, settings, "eval adapter")
+    # -- loop: every dataset × every variant ----------------------------------------------------
+    variants = (["base"] if settings.eval.include_base else []) + list(adapters)
+    results: dict[str, dict] = {}
+    rows: list[dict] = []
+    for dataset, (_, prompts) in tasks.items():
+        results[dataset] = {}
+        per_example = [{"dataset": dataset, "index": i, "gold": p.gold} for i, p in enumerate(prompts)]
+        for variant in variants:
+            started = time.perf_counter()
+            with _use_variant(model, variant):
+                scores = _score(model, tokenizer, prompts, settings, f"eval {dataset} {variant}")
+            metrics, examples = choice_metrics(scores, prompts)
+            metrics["seconds"] = round(time.perf_counter() - started, 3)
+            results[dataset][variant] = metrics
+            for row, example in zip(per_example, examples):
+                row[variant] = example
+        rows += per_example
 
-    metrics = {"dataset": settings.dataset.name, "split": split, "format": settings.format, "n": len(prompts)}
-    rows = [{"index": i, "gold": gold} for i, gold in enumerate(golds)]
-    for name, scores in variants.items():
-        predictions, acc, stderr = accuracy(scores, golds)
-        metrics[name] = {
-            "accuracy": acc,
-            "stderr": stderr,
-            "correct": sum(p == g for p, g in zip(predictions, golds)),
-        }
-        for row, predicted, choice_scores in zip(rows, predictions, scores):
-            row[name] = {"predicted": predicted, "scores": choice_scores}
+    # -- save ---------------------------------------------------------------------------------
+    summary = {
+        "model": settings.model.name_or_path,
+        "format": eval_format,
+        "variants": {
+            name: (str(path) if path else None) for name, path in {"base": None, **adapters}.items()
+        },
+        "splits": {dataset: split for dataset, (split, _) in tasks.items()},
+        "results": results,
+    }
     run_dir.write_jsonl(run_dir.predictions_jsonl, rows)
-    run_dir.write_json(run_dir.metrics_json, metrics)
-    run_dir.end_stage("eval", **{f"{k}_accuracy": metrics[k]["accuracy"] for k in variants})
-    report.console.print(report.metrics_table(metrics))
+    run_dir.write_json(run_dir.metrics_json, summary)
+    run_dir.end_stage("eval", **{f"{d}/{v}_acc": results[d][v]["acc"] for d in results for v in variants})
+    report.console.print(report.metrics_table(summary))
     report.console.print(f"eval: wrote {run_dir.metrics_json}")
-    return metrics
+    return summary
 
 
-def _score(model, tokenizer, prompts, settings: Settings, label: str) -> list[list[float]]:
+def _adapter_dirs(settings: Settings, run_dir: RunDir) -> dict[str, Path]:
+    """Variant name → adapter directory: this run's adapter, or each of eval.adapters."""
+    if settings.eval.adapters is None:
+        config = run_dir.adapter_dir / "adapter_config.json"
+        if not config.exists():
+            raise MissingArtifactError(config, "finetune", "eval")
+        return {"adapter": run_dir.adapter_dir}
+    found: dict[str, Path] = {}
+    for entry in settings.eval.adapters:
+        path = Path(entry)
+        adapter = path if (path / "adapter_config.json").is_file() else RunDir(path).adapter_dir
+        if not (adapter / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"eval.adapters: {entry} holds no adapter (looked for {path}/adapter_config.json and "
+                f"{adapter}/adapter_config.json); run `flexora finetune out_dir={entry}` first"
+            )
+        name = path.name or str(path)
+        while name in found or name == "base":
+            name += "'"
+        found[name] = adapter
+    return found
+
+
+def _attach_adapters(model, adapters: dict[str, Path], settings: Settings):
+    """The base model with every adapter loaded under its variant name (none active yet)."""
+    for index, (name, path) in enumerate(adapters.items()):
+        try:
+            if index == 0:
+                model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+            else:
+                model.load_adapter(str(path), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            trained_on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            raise ModelError(
+                f"adapter {path} does not fit {settings.model.name_or_path} (it was trained on "
+                f"{trained_on}): {str(exc).splitlines()[0][:160]}; evaluate it with model.name_or_path={trained_on}"
+            ) from exc
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _use_variant(model, variant: str):
+    if not isinstance(model, PeftModel):
+        yield
+    elif variant == "base":
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(variant)
+        yield
+
+
+def _score(model, tokenizer, prompts: list[Prompt], settings: Settings, label: str) -> list[list[float]]:
     with report.progress(label, len(prompts)) as bar:
 
-        def advance(_n: int) -> None:
-            bar.update(0, completed=min(len(prompts), bar.tasks[0].completed + _n))
+        def advance(done_rows: int, total_rows: int) -> None:
+            bar.update(0, completed=len(prompts) * done_rows // total_rows)
 
-        return score(model, tokenizer, prompts, settings.eval.batch_size, settings.max_length, advance)
+        return score(
+            model,
+            tokenizer,
+            prompts,
+            settings.eval.batch_size,
+            settings.max_length,
+            settings.eval.share_prefix,
+            advance,
+        )

@@ -73,10 +73,10 @@ def test_schema_exact_record_parses(schema, tmp_path):
     assert example.gold == gold
     assert len(example.choices) == n_choices
     prompt = mcq(example)
-    assert prompt.context.endswith("Answer:")
+    assert len(set(prompt.contexts)) == 1 and prompt.contexts[0].endswith("Answer:")
     assert prompt.continuations == [" A", " B", " C", " D"][:n_choices]
     for choice in example.choices:
-        assert choice in prompt.context
+        assert choice in prompt.contexts[0]
 
 
 def test_hellaswag_context_and_piqa_question():

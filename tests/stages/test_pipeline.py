@@ -8,12 +8,16 @@ import math
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexora_cli.errors import ConfigError, MissingArtifactError
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import load
 from flexora_cli.stages import evaluate, finetune, run, search, select
+
+
+def flat(rows) -> list[float]:
+    return [value for row in rows for value in row]
 
 
 def test_stages_one_by_one(tiny_cfg, demo_dir):
@@ -48,20 +52,20 @@ def test_stages_one_by_one(tiny_cfg, demo_dir):
     assert adapter["layers_to_transform"] == on_disk["layers"]
     assert tuned["trainable_params"] == on_disk["trainable_params"]
 
-    metrics = evaluate.run(cfg)
-    assert metrics == json.loads(run_dir.metrics_json.read_text())
-    assert (
-        metrics["n"] == 40
-        and 0 <= metrics["base"]["accuracy"] <= 1
-        and 0 <= metrics["adapter"]["accuracy"] <= 1
-    )
+    summary = evaluate.run(cfg)
+    assert summary == json.loads(run_dir.metrics_json.read_text())
+    demo = summary["results"]["demo"]
+    assert summary["format"] == "mcq" and summary["splits"] == {"demo": "validation"}
+    assert demo["base"]["n"] == demo["adapter"]["n"] == 40
+    assert "acc_norm" not in demo["adapter"]  # letters: acc only
     rows = [json.loads(line) for line in run_dir.predictions_jsonl.read_text().splitlines()]
     assert len(rows) == 40
     for row in rows:
         for variant in ("base", "adapter"):
             scores = row[variant]["scores"]
             assert len(scores) == 4 and row[variant]["predicted"] == scores.index(max(scores))
-    assert sum(r["adapter"]["predicted"] == r["gold"] for r in rows) == metrics["adapter"]["correct"]
+    for variant in ("base", "adapter"):
+        assert sum(r[variant]["predicted"] == r["gold"] for r in rows) / 40 == demo[variant]["acc"]
 
     manifest = json.loads(run_dir.manifest_json.read_text())
     assert {
@@ -119,3 +123,68 @@ def test_demo_search_ranks_planted_layers_on_top(demo_dir, tmp_path):
     ranking = search.run(cfg)["ranking"]
     assert set(ranking[: len(PLANTED_LAYERS)]) == set(PLANTED_LAYERS)
     assert select.run(cfg)["layers"] == sorted(PLANTED_LAYERS)
+
+
+def test_eval_completion_format_several_datasets_and_adapters(tiny_cfg, demo_dir, tmp_path):
+    first, second = tiny_cfg("out_dir=" + str(tmp_path / "a")), tiny_cfg("out_dir=" + str(tmp_path / "b"))
+    for cfg, layers in ((first, "[2,5]"), (second, "[0]")):
+        cfg.select.layers = [int(i) for i in layers.strip("[]").split(",")]
+        select.run(cfg)
+        finetune.run(cfg)
+    cfg = tiny_cfg(
+        "eval.format=completion",
+        "eval.datasets=[demo,demo_piqa]",
+        f"eval.adapters=[{tmp_path / 'a'},{tmp_path / 'b'}]",
+        "eval.limit=12",
+    )
+    summary = evaluate.run(cfg)
+    assert summary["format"] == "completion"
+    assert set(summary["results"]) == {"demo", "demo_piqa"}
+    for result in summary["results"].values():
+        assert set(result) == {"base", "a", "b"}
+        assert all(m["n"] == 12 and "acc_norm" in m for m in result.values())
+    # Adapters differ, so their scores do; the base is the base whichever adapter is loaded.
+    rows = [json.loads(line) for line in RunDir(cfg.out_dir).predictions_jsonl.read_text().splitlines()]
+    assert len(rows) == 24 and any(r["a"]["scores"] != r["b"]["scores"] for r in rows)
+    alone = evaluate.run(tiny_cfg("eval.format=completion", "eval.adapters=[]", "eval.limit=12"))
+    base_rows = [json.loads(line) for line in RunDir(cfg.out_dir).predictions_jsonl.read_text().splitlines()]
+    assert alone["results"]["demo"]["base"]["acc"] == summary["results"]["demo"]["base"]["acc"]
+    assert flat(r["base"]["scores"] for r in base_rows) == pytest.approx(
+        flat(r["base"]["scores"] for r in rows[:12])
+    )
+
+
+def test_merged_adapter_predicts_like_base_plus_adapter(tiny_cfg, demo_dir):
+    from flexora_cli.data.datasets import load_split
+    from flexora_cli.data.prompts import build_prompts
+    from flexora_cli.scoring import score
+
+    cfg = tiny_cfg("select.layers=[2,5]")
+    select.run(cfg)
+    finetune.run(cfg)
+    settings = load(cfg)
+    prompts = build_prompts(load_split(settings.dataset, "validation")[:30], "mcq")
+    tokenizer = AutoTokenizer.from_pretrained(f"{demo_dir}/model")
+    base = AutoModelForCausalLM.from_pretrained(f"{demo_dir}/model")
+    adapted = PeftModel.from_pretrained(base, str(RunDir(cfg.out_dir).adapter_dir)).eval()
+    with_adapter = score(adapted, tokenizer, prompts, 8, 128)
+    merged = adapted.merge_and_unload().eval()
+    assert not isinstance(merged, PeftModel)
+    folded = score(merged, tokenizer, prompts, 8, 128)
+    assert [max(range(4), key=s.__getitem__) for s in folded] == [
+        max(range(4), key=s.__getitem__) for s in with_adapter
+    ]
+    assert flat(folded) == pytest.approx(flat(with_adapter), abs=1e-4)
+
+
+def test_train_in_completion_format_evaluate_in_both(tiny_cfg):
+    cfg = tiny_cfg("dataset=demo_winogrande", "format=completion", "select.layers=[1]")
+    select.run(cfg)
+    tuned = finetune.run(cfg)
+    assert tuned["steps"] > 0
+    completion = evaluate.run(cfg)["results"]["demo_winogrande"]
+    assert "acc_norm" not in completion["adapter"]  # partial scoring: acc only, as lm-eval
+    lettered = evaluate.run(
+        tiny_cfg("dataset=demo_winogrande", "format=completion", "select.layers=[1]", "eval.format=mcq")
+    )
+    assert lettered["format"] == "mcq" and lettered["results"]["demo_winogrande"]["adapter"]["n"] == 40

@@ -1,0 +1,245 @@
+"""Parity and speed of `flexora eval` (format=completion) against lm-evaluation-harness.
+
+Both tools score the same model object on the same local JSONL files. lm-eval runs its own task
+definitions (hellaswag, piqa, winogrande), copied with only the data source changed to the local
+files (`dataset_path: json`), so its preprocessing is its own. Printed per task: examples whose
+prediction differs (acc and acc_norm; goal 0), the largest per-choice log-likelihood difference,
+both accuracies, and the wall-time ratio lm-eval ÷ flexora (goal ≥ 3). The demo's records are
+varied first (choices of different lengths, WikiHow's bracket artefacts) so that acc_norm and
+hellaswag's clean-up are exercised.
+
+    pip install -e ".[lmeval]"
+    python scripts/compare_lmeval.py                       # the demo's tiny model, 300 examples/task
+    python scripts/compare_lmeval.py --random-llama 512x8  # a wider random Llama, same data
+    python scripts/compare_lmeval.py --model PATH --data hellaswag=DIR --data piqa=DIR ...
+
+Exit status 1 if any prediction differs.
+
+Timing covers what a user waits for once the model is in memory: reading the data, building
+prompts, tokenising and scoring, on one thread-pinned device for both tools. lm-eval gets
+`--batch-size` requests (one choice each) per forward; flexora gets the same number of choices
+per forward (batch_size ÷ choices rows, each row packing one example's choices) unless --rows
+says otherwise; a packed row is shorter than its choices side by side, so at equal memory flexora
+can take more rows (`eval.batch_size=auto` starts at 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from flexora_cli import demo
+from flexora_cli.data.datasets import load_split
+from flexora_cli.data.prompts import build_prompts
+from flexora_cli.scoring import choice_metrics, score
+from flexora_cli.settings import DatasetSettings
+
+TASKS = {"hellaswag": ("data", 4), "piqa": ("data_piqa", 2), "winogrande": ("data_winogrande", 2)}
+"""Task → (the demo's folder in that hub schema, choices per example)."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--assets", default="~/.cache/flexora/demo", help="demo assets (built if missing)")
+    parser.add_argument("--model", help="model directory (default: the demo's tiny model)")
+    parser.add_argument("--random-llama", metavar="WIDTHxLAYERS", help="score a random Llama of this shape")
+    parser.add_argument(
+        "--data", action="append", default=[], metavar="TASK=DIR", help="local JSONL per task"
+    )
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size (requests)")
+    parser.add_argument(
+        "--rows", type=int, default=None, help="flexora's rows per pass (default: batch size ÷ choices)"
+    )
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    assets = demo.ensure_assets(Path(args.assets).expanduser())
+    varied = Path(tempfile.mkdtemp(prefix="flexora-parity-"))
+    data_dirs = {
+        task: str(_vary(assets / folder, varied / folder, task, args.split))
+        for task, (folder, _) in TASKS.items()
+    }
+    data_dirs.update(dict(item.split("=", 1) for item in args.data))
+    model_dir = args.model or str(assets / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if args.random_llama:
+        model = _random_llama(model_dir, args.random_llama)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"lm-eval {lm_eval.__version__}, torch {torch.__version__}, {params / 1e6:.1f}M parameters, "
+        f"device {next(model.parameters()).device}, {args.threads} threads, lm-eval batch {args.batch_size}, "
+        f"flexora rows {args.rows or 'batch ÷ choices'}"
+    )
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tasks_dir:
+        for task in args.tasks.split(","):
+            ours_s, ours = _flexora(task, data_dirs[task], args, model, tokenizer)
+            theirs_s, theirs = _lm_eval(task, data_dirs[task], args, lm, Path(tasks_dir))
+            results[task] = _compare(task, ours, theirs, ours_s, theirs_s)
+    shutil.rmtree(varied, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    differing = sum(r["differing_predictions"] + r.get("differing_correct_norm", 0) for r in results.values())
+    raise SystemExit(1 if differing else 0)
+
+
+def _vary(source: Path, target: Path, task: str, split: str) -> Path:
+    """The demo's records with what real data has and the demo lacks: choices of different lengths
+    (so acc_norm can differ from acc) and, for hellaswag, WikiHow's bracketed artefacts."""
+    target.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (source / f"{split}.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if task == "hellaswag":
+            row["endings"] = [e + " ka" * ((i + k) % 4) for k, e in enumerate(row["endings"])]
+            if i % 5 == 0:
+                row["ctx_a"] = f"[header] {row['ctx_a']} [title] {row['ctx_b']}"
+                row["endings"][0] = "[step] " + row["endings"][0]
+        elif task == "piqa":
+            row["sol1"] += " lo" * (i % 3)
+    (target / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return target
+
+
+def _random_llama(tokenizer_dir: str, shape: str):
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    width, layers = (int(x) for x in shape.lower().split("x"))
+    base = AutoConfig.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=base.vocab_size,
+        hidden_size=width,
+        intermediate_size=int(width * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 64),
+        num_key_value_heads=max(1, width // 256),
+        max_position_embeddings=4096,
+        bos_token_id=base.bos_token_id,
+        eos_token_id=base.eos_token_id,
+        pad_token_id=base.pad_token_id,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def _flexora(task: str, data_dir: str, args, model, tokenizer) -> tuple[float, dict]:
+    started = time.perf_counter()
+    spec = DatasetSettings(name=task, schema=task, data_dir=data_dir)
+    prompts = build_prompts(load_split(spec, args.split)[: args.limit], "completion")
+    rows_per_pass = args.rows or max(1, args.batch_size // TASKS[task][1])
+    scores = score(model, tokenizer, prompts, rows_per_pass, args.max_length)
+    metrics, examples = choice_metrics(scores, prompts)
+    golds = [p.gold for p in prompts]
+    return time.perf_counter() - started, {"metrics": metrics, "examples": examples, "golds": golds}
+
+
+def _lm_eval(task: str, data_dir: str, args, lm, tasks_dir: Path) -> tuple[float, dict]:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    name = _local_task(task, Path(data_dir) / f"{args.split}.jsonl", tasks_dir)
+    task_manager = TaskManager(include_path=str(tasks_dir))  # indexing lm-eval's tasks: not timed
+    started = time.perf_counter()
+    out = simple_evaluate(
+        model=lm,
+        tasks=[name],
+        task_manager=task_manager,
+        num_fewshot=0,
+        limit=args.limit,
+        log_samples=True,
+    )
+    seconds = time.perf_counter() - started
+    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+    return seconds, {
+        "metrics": {k.split(",")[0]: v for k, v in out["results"][name].items() if "," in k},
+        "scores": [[float(ll) for ll, _ in s["filtered_resps"]] for s in samples],
+        "correct_norm": [s.get("acc_norm") for s in samples],
+    }
+
+
+def _local_task(task: str, data_file: Path, tasks_dir: Path) -> str:
+    """lm-eval's own task YAML (and its helper module), reading `data_file` instead of the hub."""
+    import lm_eval.tasks
+
+    source = Path(lm_eval.tasks.__file__).parent / task
+    yaml_file = source / ("default.yaml" if task == "winogrande" else f"{task}.yaml")
+    target = tasks_dir / task
+    target.mkdir(exist_ok=True)
+    for helper in source.glob("*.py"):
+        shutil.copy(helper, target / helper.name)
+    name = f"flexora_local_{task}"
+    text = yaml_file.read_text()
+    text = re.sub(r"(?m)^tag:\n(  - .*\n)+", "", text)
+    text = re.sub(r"(?m)^task: .*$", f"task: {name}", text)
+    text = re.sub(r"(?m)^dataset_path: .*$", "dataset_path: json", text)
+    text = re.sub(r"(?m)^dataset_name: .*\n", "", text)
+    text = re.sub(r"(?m)^(training|test)_split: .*\n", "", text)
+    text = re.sub(r"(?m)^validation_split: .*$", "validation_split: validation", text)
+    text += f"dataset_kwargs:\n  data_files:\n    validation: {json.dumps(str(data_file))}\n"
+    (target / f"{name}.yaml").write_text(text)
+    return name
+
+
+def _compare(task: str, ours: dict, theirs: dict, ours_s: float, theirs_s: float) -> dict:
+    examples, their_scores = ours["examples"], theirs["scores"]
+    assert len(examples) == len(their_scores), (len(examples), len(their_scores))
+    differ = sum(e["predicted"] != _argmax(s) for e, s in zip(examples, their_scores))
+    gap = max(abs(a - b) for e, s in zip(examples, their_scores) for a, b in zip(e["scores"], s))
+    result = {
+        "n": len(examples),
+        "differing_predictions": differ,
+        "max_abs_loglik_diff": gap,
+        "flexora": ours["metrics"],
+        "lm_eval": theirs["metrics"],
+        "flexora_seconds": round(ours_s, 3),
+        "lm_eval_seconds": round(theirs_s, 3),
+        "speedup": round(theirs_s / ours_s, 2),
+    }
+    line = (
+        f"{task:<11} n={len(examples):<5} differing predictions: acc {differ}"
+        f"  max |Δ loglik| {gap:.2e}  acc {ours['metrics']['acc']:.4f} vs {theirs['metrics']['acc']:.4f}"
+    )
+    if "acc_norm" in ours["metrics"]:
+        # lm-eval keeps per-example correctness, not the normalised prediction: compare those.
+        golds = ours["golds"]
+        norm_differ = sum(
+            (e["predicted_norm"] == g) != bool(c) for e, g, c in zip(examples, golds, theirs["correct_norm"])
+        )
+        result["differing_correct_norm"] = norm_differ
+        line += (
+            f"  acc_norm {ours['metrics']['acc_norm']:.4f} vs {theirs['metrics']['acc_norm']:.4f}"
+            f" (differing {norm_differ})"
+        )
+    print(line + f"  time {ours_s:.2f}s vs {theirs_s:.2f}s → {theirs_s / ours_s:.1f}× faster")
+    return result
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+if __name__ == "__main__":
+    main()
