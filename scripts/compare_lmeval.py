@@ -64,6 +64,8 @@ def main() -> None:
     )
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (lm-eval uses the model's device)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -85,12 +87,12 @@ def main() -> None:
         model = _random_llama(model_dir, args.random_llama)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     params = sum(p.numel() for p in model.parameters())
     print(
         f"lm-eval {lm_eval.__version__}, torch {torch.__version__}, {params / 1e6:.1f}M parameters, "
-        f"device {next(model.parameters()).device}, {args.threads} threads, lm-eval batch {args.batch_size}, "
+        f"device {next(model.parameters()).device} {args.dtype}, {args.threads} threads, lm-eval batch {args.batch_size}, "
         f"flexora rows {args.rows or 'batch ÷ choices'}"
     )
 
