@@ -41,3 +41,9 @@ class TrainingError(FlexoraError):
     """A failure while training or evaluating (exit 1)."""
 
     exit_code = 1
+
+
+class RunLockedError(FlexoraError):
+    """Another live process holds the run directory (exit 1)."""
+
+    exit_code = 1

@@ -97,6 +97,46 @@ class RunDir:
     def manifest_json(self) -> Path:
         return self.root / "manifest.json"
 
+    # -- lock ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold `out_dir/.lock` (our pid) while a stage runs.
+
+        A live holder is an error naming its pid; a dead holder's lock is taken over with a
+        warning; this process already holding it (`flexora run` calling a stage) is fine. If the
+        run directory did not exist and the stage leaves nothing in it, it is removed again.
+        """
+        from flexora_cli import report
+        from flexora_cli.errors import RunLockedError
+
+        path = self.root / ".lock"
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                holder = _lock_holder(path)
+                if holder == os.getpid():
+                    yield
+                    return
+                if holder is not None and _alive(holder):
+                    raise RunLockedError(
+                        f"{self.root} is in use by flexora process {holder} ({path}); wait for it to "
+                        f"finish or stop it, or give this run another out_dir"
+                    ) from None
+                report.console.print(f"warning: taking over the stale lock {path} (process {holder} is gone)")
+                path.unlink(missing_ok=True)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            if created and not any(self.root.iterdir()):
+                self.root.rmdir()
+
     # -- atomic writes ------------------------------------------------------------------------
     def write_json(self, path: Path, obj: Any) -> Path:
         return self.write_text(path, json.dumps(obj, indent=2) + "\n")
@@ -198,6 +238,23 @@ def read_json(path: Path, stage: str, this_stage: str) -> dict:
     if not path.exists():
         raise MissingArtifactError(path, stage, this_stage)
     return json.loads(path.read_text())
+
+
+def _lock_holder(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None  # unreadable or half-written: treated as stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def _now() -> str:

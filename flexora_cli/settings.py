@@ -190,6 +190,8 @@ class Settings:
     """Name of the preset this config came from (informational)."""
     debug: bool = False
     """Show full tracebacks instead of one-line errors."""
+    force: bool = False
+    """`flexora run`: redo stages even when complete with the same settings."""
 
     def validate(self) -> list[str]:
         """Every problem with these settings, as `key: problem (fix)` lines."""

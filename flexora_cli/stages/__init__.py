@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from omegaconf import DictConfig
 
 from flexora_cli import demo
@@ -20,3 +23,14 @@ def setup(cfg: DictConfig | Settings) -> tuple[Settings, RunDir]:
 def planted_layers(settings: Settings) -> list[int] | None:
     """The demo's known right answer (None for real models)."""
     return demo.planted_layers(settings.demo_assets) if settings.demo_assets else None
+
+
+def locked(stage_run: Callable[[DictConfig | Settings], dict]) -> Callable[[DictConfig | Settings], dict]:
+    """Run a stage holding its run directory's lock (RunDir.lock)."""
+
+    @functools.wraps(stage_run)
+    def run(cfg: DictConfig | Settings) -> dict:
+        with RunDir(load(cfg).out_dir).lock():
+            return stage_run(cfg)
+
+    return run

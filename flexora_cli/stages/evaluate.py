@@ -25,9 +25,10 @@ from flexora_cli.modeling import load_model, load_tokenizer, resolve_device
 from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import choice_metrics, score
 from flexora_cli.settings import Settings, dataset_settings
-from flexora_cli.stages import setup
+from flexora_cli.stages import locked, setup
 
 
+@locked
 def run(cfg: DictConfig | Settings) -> dict:
     # -- setup -------------------------------------------------------------------------------
     settings, run_dir = setup(cfg)

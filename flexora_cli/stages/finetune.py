@@ -18,7 +18,7 @@ from flexora_cli.data.prompts import build_prompts
 from flexora_cli.modeling import attach_lora, load_model, load_tokenizer, resolve_device
 from flexora_cli.rundir import read_json
 from flexora_cli.settings import Settings
-from flexora_cli.stages import setup
+from flexora_cli.stages import locked, setup
 from flexora_cli.training import (
     adamw_with_schedule,
     answer_loss,
@@ -28,6 +28,7 @@ from flexora_cli.training import (
 )
 
 
+@locked
 def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
     spec = settings.finetune

@@ -1,7 +1,7 @@
 """`flexora run`: search → select → finetune → eval, skipping stages already complete.
 
 A stage is complete when the manifest says so and its settings hash matches; with an explicit
-`select.layers` the search is not needed and is skipped.
+`select.layers` the search is not needed and is skipped. `force=true` redoes every stage.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from flexora_cli import report
 from flexora_cli.settings import Settings
-from flexora_cli.stages import evaluate, finetune, search, select, setup
+from flexora_cli.stages import evaluate, finetune, locked, search, select, setup
 
 PIPELINE = (
     ("search", search.run),
@@ -20,6 +20,7 @@ PIPELINE = (
 )
 
 
+@locked
 def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
     results = {}
@@ -27,7 +28,7 @@ def run(cfg: DictConfig | Settings) -> dict:
         if name == "search" and settings.select.layers is not None:
             report.console.print("run: search skipped (select.layers is given)")
             continue
-        if run_dir.is_complete(name, settings):
+        if not settings.force and run_dir.is_complete(name, settings):
             report.console.print(
                 f"run: {name} already complete in {run_dir.stage_dir(name)} (same settings), skipped"
             )

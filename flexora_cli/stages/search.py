@@ -30,7 +30,7 @@ from flexora_cli.modeling import (
     resolve_device,
 )
 from flexora_cli.settings import Settings
-from flexora_cli.stages import planted_layers, setup
+from flexora_cli.stages import locked, planted_layers, setup
 from flexora_cli.training import (
     adamw_with_schedule,
     answer_loss,
@@ -40,6 +40,7 @@ from flexora_cli.training import (
 )
 
 
+@locked
 def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
     search = settings.search

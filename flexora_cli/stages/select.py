@@ -14,7 +14,7 @@ from flexora_cli.errors import ConfigError, FlexoraError
 from flexora_cli.modeling import describe
 from flexora_cli.rundir import read_json
 from flexora_cli.settings import SelectSettings, Settings
-from flexora_cli.stages import planted_layers, setup
+from flexora_cli.stages import locked, planted_layers, setup
 
 
 def select_layers(
@@ -65,6 +65,7 @@ def explicit_layers(spec: SelectSettings, num_layers: int) -> list[int]:
     return sorted(spec.layers)
 
 
+@locked
 def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
     spec = settings.select

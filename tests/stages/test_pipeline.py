@@ -188,3 +188,41 @@ def test_train_in_completion_format_evaluate_in_both(tiny_cfg):
         tiny_cfg("dataset=demo_winogrande", "format=completion", "select.layers=[1]", "eval.format=mcq")
     )
     assert lettered["format"] == "mcq" and lettered["results"]["demo_winogrande"]["adapter"]["n"] == 40
+
+
+def test_force_redoes_complete_stages(tiny_cfg):
+    run.run(tiny_cfg("select.layers=[3]"))
+    assert run.run(tiny_cfg("select.layers=[3]")) == {}
+    assert set(run.run(tiny_cfg("select.layers=[3]", "force=true"))) == {"select", "finetune", "eval"}
+
+
+def test_live_lock_refuses_and_stale_lock_is_taken_over(tiny_cfg, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from flexora_cli.errors import RunLockedError
+
+    cfg = tiny_cfg("select.layers=[3]")
+    root = RunDir(cfg.out_dir).root
+    root.mkdir(parents=True)
+    (root / ".lock").write_text(f"{os.getppid()}\n")  # the test runner's parent: alive
+    with pytest.raises(RunLockedError, match=f"in use by flexora process {os.getppid()}"):
+        select.run(cfg)
+    assert sorted(p.name for p in root.iterdir()) == [".lock"]  # nothing written
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (root / ".lock").write_text(f"{gone.pid}\n")
+    assert select.run(cfg)["layers"] == [3]
+    assert f"stale lock {root / '.lock'} (process {gone.pid} is gone)" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    assert not (root / ".lock").exists()
+
+
+def test_failed_stage_leaves_no_run_directory(tiny_cfg):
+    cfg = tiny_cfg("select.layers=[1,9]")
+    with pytest.raises(ConfigError):
+        select.run(cfg)
+    assert not RunDir(cfg.out_dir).root.exists()
