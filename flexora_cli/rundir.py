@@ -93,6 +93,9 @@ class RunDir:
     def predictions_jsonl(self) -> Path:
         return self.root / "eval" / "predictions.jsonl"
 
+    def checkpoints_dir(self, stage: str) -> Path:
+        return self.root / stage / "checkpoints"
+
     @property
     def manifest_json(self) -> Path:
         return self.root / "manifest.json"
@@ -224,11 +227,16 @@ class RunDir:
         return entry.get("status") == "complete" and entry.get("config_hash") == stage_hash(stage, settings)
 
 
+def stage_settings(stage: str, settings: Settings) -> dict:
+    """The settings a stage's outputs depend on, as plain JSON-able values."""
+    as_dict = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+    return {key: as_dict[key] for key in _STAGE_KEYS[stage]}
+
+
 def stage_hash(stage: str, settings: Settings) -> str:
     """Short hash of the settings a stage's outputs depend on."""
-    as_dict = dataclasses.asdict(settings)
-    relevant = {key: as_dict[key] for key in _STAGE_KEYS[stage]}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    relevant = stage_settings(stage, settings)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_json(path: Path, stage: str, this_stage: str) -> dict:

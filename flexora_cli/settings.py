@@ -191,7 +191,11 @@ class Settings:
     debug: bool = False
     """Show full tracebacks instead of one-line errors."""
     force: bool = False
-    """`flexora run`: redo stages even when complete with the same settings."""
+    """Redo stages even when complete (`flexora run`) and discard mid-stage checkpoints."""
+    checkpoint_every: int = 100
+    """search and finetune save a resumable checkpoint every this many steps."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept per stage (the newest); removed when the stage completes."""
 
     def validate(self) -> list[str]:
         """Every problem with these settings, as `key: problem (fix)` lines."""
@@ -273,6 +277,8 @@ class Settings:
         check(self.device in DEVICES, f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         check(self.format in FORMATS, f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
         check(self.max_length > 8, f"max_length: must be > 8, got {self.max_length}")
+        check(self.checkpoint_every > 0, f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
+        check(self.keep_checkpoints > 0, f"keep_checkpoints: must be > 0, got {self.keep_checkpoints}")
         return problems
 
 

@@ -26,8 +26,8 @@ def check_finite(loss: torch.Tensor, stage: str, step: int) -> float:
     value = float(loss.detach())
     if not math.isfinite(value):
         raise TrainingError(
-            f"{stage}: loss is {value} at step {step}; lower the learning rate or use precision=fp32 "
-            f"(outputs of earlier steps were not written)"
+            f"{stage}: loss is {value} at step {step}; stopped, keeping the last good checkpoint; "
+            f"lower the learning rate and rerun with force=true"
         )
     return value
 

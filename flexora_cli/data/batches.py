@@ -84,16 +84,17 @@ class Batches:
     def __len__(self) -> int:
         return -(-len(self.features) // self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of one epoch in its seeded order, from batch `skip` on (to resume)."""
         order = list(range(len(self.features)))
         random.Random(self.seed + epoch).shuffle(order)
-        for start in range(0, len(order), self.batch_size):
+        for start in range(skip * self.batch_size, len(order), self.batch_size):
             chunk = [self.features[i] for i in order[start : start + self.batch_size]]
             yield self.collate([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in chunk])
 
-    def forever(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Cycle through epochs (for the α step's validation batches)."""
-        epoch = 0
+    def forever(self, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Cycle through epochs (for the α step's validation batches), from batch `skip` on."""
+        epoch, skip = divmod(skip, len(self))
         while True:
-            yield from self.epoch(epoch)
-            epoch += 1
+            yield from self.epoch(epoch, skip)
+            epoch, skip = epoch + 1, 0

@@ -12,6 +12,7 @@ import time
 from omegaconf import DictConfig
 
 from flexora_cli import report
+from flexora_cli.checkpoint import Checkpoints, StopRequest, resume, state_dicts
 from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
@@ -49,15 +50,20 @@ def run(cfg: DictConfig | Settings) -> dict:
     optimizer, schedule = adamw_with_schedule(
         params, spec.lr, spec.weight_decay, spec.scheduler, spec.warmup_ratio, total_steps
     )
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizers = {"optimizer": optimizer, "scheduler": schedule}
+    checkpoints = Checkpoints(run_dir, "finetune", settings)
+    step, history = resume(checkpoints, trained, optimizers, settings.force)
     run_dir.begin_stage("finetune", settings)
 
-    history: list[dict] = []
-    step, micro, started, running = 0, 0, time.time(), 0.0
+    # -- loop: checkpoints fall on optimizer steps, so the data position is step × grad_accum ----
+    micro, started, running = step * spec.grad_accum, time.time(), 0.0
+    epoch, offset = divmod(micro, len(batches))
     model.train()
-    with report.progress("finetune", total_steps) as bar:
-        epoch = 0
+    with report.progress("finetune", total_steps) as bar, StopRequest() as stop:
+        bar.update(0, completed=step)
         while step < total_steps:
-            for batch in batches.epoch(epoch):
+            for batch in batches.epoch(epoch, offset):
                 loss = answer_loss(model, batch, device) / spec.grad_accum
                 running += check_finite(loss, "finetune", step + 1)
                 loss.backward()
@@ -72,9 +78,12 @@ def run(cfg: DictConfig | Settings) -> dict:
                     history.append({"step": step, "train_loss": running, "lr": schedule.get_last_lr()[0]})
                 bar.update(0, advance=1, info=f"loss {running:.3f}")
                 running = 0.0
+                if step % settings.checkpoint_every == 0 or stop.signal:
+                    saved = checkpoints.save(step, trained, {"history": history, **state_dicts(optimizers)})
+                    stop.stop_if_requested("finetune", step, saved)
                 if step >= total_steps:
                     break
-            epoch += 1
+            epoch, offset = epoch + 1, 0
 
     with run_dir.atomic_dir(run_dir.adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -90,6 +99,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     if history:
         run_dir.save_figure(run_dir.finetune_loss_png, report.plot_losses(history, ("train_loss",)))
     run_dir.end_stage("finetune", steps=total_steps)
+    checkpoints.clear()
     report.console.print(
         f"finetune: LoRA on layers {layers} ({result['trainable_params']:,} parameters), {total_steps} steps; "
         f"wrote {run_dir.adapter_dir}"

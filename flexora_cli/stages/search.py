@@ -4,6 +4,8 @@ LoRA sits on every layer's target modules, gated by αᵢ = N·softmax(α̂)ᵢ.
   1. a LoRA step on a training batch (α held fixed), with AdamW and a cosine schedule;
   2. an α step on a validation batch carved from the training split (θ held fixed), with Adam.
 The α gradient is the direct (first-order) gradient of the validation loss, as in the public code.
+Every `checkpoint_every` steps (and on SIGINT/SIGTERM) a checkpoint is written; rerunning the same
+command continues from the newest one exactly (checkpoint.py).
 Output: search/alpha.json {alpha, ranking, num_layers, history, ...}, alpha.png, loss.png.
 """
 
@@ -16,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from flexora_cli import report
+from flexora_cli.checkpoint import Checkpoints, StopRequest, resume, state_dicts
 from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import carve_validation, load_split
 from flexora_cli.data.prompts import build_prompts
@@ -63,7 +66,7 @@ def run(cfg: DictConfig | Settings) -> dict:
         return Batches(tokenizer, features, search.batch_size, seed)
 
     train_batches = batches(train_pool[: search.budget], settings.seed)
-    val_batches = batches(val_examples, settings.seed + 1).forever()
+    val_batches = batches(val_examples, settings.seed + 1)
 
     # -- model: LoRA on every layer, one gate per layer ---------------------------------------
     model = load_model(settings.model, device)
@@ -78,15 +81,22 @@ def run(cfg: DictConfig | Settings) -> dict:
         lora_params, search.lr, search.weight_decay, "cosine", search.warmup_ratio, total_steps
     )
     alpha_optimizer = torch.optim.Adam(gates.parameters(), lr=search.alpha_lr)
+    trained = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    trained["flexora.alpha_hat"] = gates.alpha_hat
+    optimizers = {"optimizer": optimizer, "scheduler": schedule, "alpha_optimizer": alpha_optimizer}
+    checkpoints = Checkpoints(run_dir, "search", settings)
+    step, history = resume(checkpoints, trained, optimizers, settings.force)
     run_dir.begin_stage("search", settings)
 
     # -- loop ---------------------------------------------------------------------------------
-    history: list[dict] = []
-    step, started = 0, time.time()
+    started = time.time()
+    first_epoch, offset = divmod(step, len(train_batches))
+    val_stream = val_batches.forever(skip=step)
     peft_model.train()
-    with report.progress("search", total_steps) as bar:
-        for epoch in range(search.epochs):
-            for batch in train_batches.epoch(epoch):
+    with report.progress("search", total_steps) as bar, StopRequest() as stop:
+        bar.update(0, completed=step)
+        for epoch in range(first_epoch, search.epochs):
+            for batch in train_batches.epoch(epoch, offset if epoch == first_epoch else 0):
                 step += 1
                 # 1. LoRA step, α fixed
                 train_loss = answer_loss(peft_model, batch, device)
@@ -97,7 +107,7 @@ def run(cfg: DictConfig | Settings) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 gates.alpha_hat.grad = None
                 # 2. α step, θ fixed: only the gradient w.r.t. α̂ is computed
-                val_loss = answer_loss(peft_model, next(val_batches), device)
+                val_loss = answer_loss(peft_model, next(val_stream), device)
                 val_value = check_finite(val_loss, "search", step)
                 (gates.alpha_hat.grad,) = torch.autograd.grad(val_loss, [gates.alpha_hat])
                 alpha_optimizer.step()
@@ -114,6 +124,9 @@ def run(cfg: DictConfig | Settings) -> dict:
                     )
                 top = ",".join(str(i) for i in gates.ranking()[:3])
                 bar.update(0, advance=1, info=f"loss {train_value:.3f} val {val_value:.3f} top {top}")
+                if step % settings.checkpoint_every == 0 or stop.signal:
+                    saved = checkpoints.save(step, trained, {"history": history, **state_dicts(optimizers)})
+                    stop.stop_if_requested("search", step, saved)
 
     # -- save ---------------------------------------------------------------------------------
     alpha = [float(a) for a in gates.alpha_hat.tolist()]
@@ -132,6 +145,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     run_dir.save_figure(run_dir.alpha_png, report.plot_alpha(alpha, history))
     run_dir.save_figure(run_dir.search_loss_png, report.plot_losses(history, ("train_loss", "val_loss")))
     run_dir.end_stage("search", steps=total_steps)
+    checkpoints.clear()
 
     report.console.print(report.alpha_table(alpha, result["ranking"], planted=planted_layers(settings)))
     report.console.print(f"search: wrote {run_dir.alpha_json}")

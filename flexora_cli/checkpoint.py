@@ -1,0 +1,177 @@
+"""Mid-stage checkpoints: everything a training stage needs to continue exactly where it stopped.
+
+A checkpoint is a folder `<stage>/checkpoints/step-NNNNNNN/` written atomically:
+- `weights.safetensors`: the trainable tensors (LoRA matrices, and α̂ in the search);
+- `state.pt`: optimizer and scheduler states, the step, the loss history, every RNG state
+  (python, numpy, torch, CUDA) and the settings the stage ran with; read with weights_only=True.
+The data position follows from the step (batch orders are seeded per epoch), so it is not stored.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexora_cli.errors import ConfigError, FlexoraError
+from flexora_cli.rundir import RunDir, stage_settings
+from flexora_cli.settings import Settings
+
+
+def rng_state() -> dict:
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpoints:
+    """The checkpoints of one stage in one run directory."""
+
+    def __init__(self, run_dir: RunDir, stage: str, settings: Settings):
+        self.run_dir, self.stage, self.settings = run_dir, stage, settings
+        self.dir = run_dir.checkpoints_dir(stage)
+
+    def latest(self) -> Path | None:
+        found = sorted(self.dir.glob("step-*")) if self.dir.is_dir() else []
+        return found[-1] if found else None
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+        """Write checkpoint `step` atomically, then keep only the newest `keep_checkpoints`."""
+        path = self.dir / f"step-{step:07d}"
+        full_state = {
+            **state,
+            "step": step,
+            "rng": rng_state(),
+            "settings": stage_settings(self.stage, self.settings),
+        }
+        with self.run_dir.atomic_dir(path) as tmp:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                str(tmp / "weights.safetensors"),
+            )
+            torch.save(full_state, tmp / "state.pt")
+        for old in sorted(self.dir.glob("step-*"))[: -self.settings.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and state of a checkpoint; refuses one made with other settings."""
+        state = torch.load(path / "state.pt", weights_only=True)
+        differing = _differences(state["settings"], stage_settings(self.stage, self.settings))
+        if differing:
+            raise ConfigError(
+                f"{path} was made with other settings ({'; '.join(differing[:6])}); rerun with the "
+                f"same settings to resume, or add force=true to start {self.stage} over"
+            )
+        set_rng_state(state["rng"])
+        return load_file(str(path / "weights.safetensors")), state
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def state_dicts(stateful: dict[str, Any]) -> dict[str, Any]:
+    return {name: obj.state_dict() for name, obj in stateful.items()}
+
+
+def resume(
+    checkpoints: Checkpoints, trained: dict[str, torch.nn.Parameter], stateful: dict[str, Any], force: bool
+) -> tuple[int, list[dict]]:
+    """Load the newest checkpoint into the live objects: (step, history); (0, []) when none.
+
+    force=True discards existing checkpoints instead.
+    """
+    from flexora_cli import report
+
+    if force:
+        checkpoints.clear()
+    latest = checkpoints.latest()
+    if latest is None:
+        return 0, []
+    started = time.perf_counter()
+    tensors, state = checkpoints.load(latest)
+    restore(tensors, trained)
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    report.console.print(
+        f"{checkpoints.stage}: resuming from {latest} (step {state['step']}, "
+        f"loaded in {time.perf_counter() - started:.2f}s)"
+    )
+    return state["step"], state["history"]
+
+
+def restore(tensors: dict[str, torch.Tensor], named: dict[str, torch.nn.Parameter]) -> None:
+    """Copy checkpoint tensors into the live parameters, in place (optimizers keep their refs)."""
+    with torch.no_grad():
+        for name, parameter in named.items():
+            parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} then, {current!r} now"]
+
+
+class Interrupted(FlexoraError):
+    """The user stopped a stage (SIGINT/SIGTERM); a checkpoint was written first (exit 130)."""
+
+    exit_code = 130
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a request the training loop honours after its current step.
+
+    A second signal stops at once (the last periodic checkpoint still holds).
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def stop_if_requested(self, stage: str, step: int, checkpoint: Path) -> None:
+        if self.signal is not None:
+            name = signal.Signals(self.signal).name
+            raise Interrupted(
+                f"{stage}: stopped by {name} after step {step}; checkpoint {checkpoint} written; "
+                f"rerun the same command to resume"
+            )
