@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexora_cli.errors import ConfigError, FlexoraError
-from flexora_cli.rundir import RunDir, stage_settings
+from flexora_cli.rundir import RunDir, settings_differences, stage_settings
 from flexora_cli.settings import Settings
 
 
@@ -81,7 +81,7 @@ class Checkpoints:
     def load(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and state of a checkpoint; refuses one made with other settings."""
         state = torch.load(path / "state.pt", weights_only=True)
-        differing = _differences(state["settings"], stage_settings(self.stage, self.settings))
+        differing = settings_differences(state["settings"], stage_settings(self.stage, self.settings))
         if differing:
             raise ConfigError(
                 f"{path} was made with other settings ({'; '.join(differing[:6])}); rerun with the "
@@ -129,13 +129,6 @@ def restore(tensors: dict[str, torch.Tensor], named: dict[str, torch.nn.Paramete
     with torch.no_grad():
         for name, parameter in named.items():
             parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
-
-
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        keys = sorted(set(saved) | set(current))
-        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
-    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} then, {current!r} now"]
 
 
 class Interrupted(FlexoraError):

@@ -54,7 +54,7 @@ def usage() -> str:
         "examples:",
         "  flexora run recipe=demo",
         "  flexora search recipe=llama3_piqa",
-        "  flexora finetune recipe=llama3_piqa select.layers=all",
+        "  flexora run recipe=llama3_piqa select.layers=all out_dir=runs/lora_all",
         "  flexora eval recipe=llama3_piqa format=completion dataset=[piqa,hellaswag]",
         "  flexora eval recipe=llama3_piqa adapters=[runs/a,runs/b] --cfg job",
         "",

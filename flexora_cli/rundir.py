@@ -221,6 +221,23 @@ class RunDir:
         entry.update(status="complete", ended=_now(), **summary)
         self.write_json(self.manifest_json, manifest)
 
+    def check_upstream(self, upstream: str, this_stage: str, settings: Settings) -> None:
+        """Refuse to build on `upstream`'s outputs if they were made with other settings."""
+        from flexora_cli.errors import ConfigError
+        from flexora_cli.settings import load
+
+        saved_config = self.stage_dir(upstream) / "config.yaml"
+        if not saved_config.exists():
+            return
+        saved = load(OmegaConf.load(saved_config))
+        differing = settings_differences(stage_settings(upstream, saved), stage_settings(upstream, settings))
+        if differing:
+            raise ConfigError(
+                f"{this_stage}: the {upstream} outputs in {self.stage_dir(upstream)} were made with other "
+                f"settings ({'; '.join(differing[:6])}); rerun `flexora {upstream}` (or `flexora run`) with "
+                f"these settings, or use another out_dir"
+            )
+
     def is_complete(self, stage: str, settings: Settings) -> bool:
         """True when the stage finished with exactly these settings."""
         entry = self.read_manifest()["stages"].get(stage, {})
@@ -237,6 +254,14 @@ def stage_hash(stage: str, settings: Settings) -> str:
     """Short hash of the settings a stage's outputs depend on."""
     relevant = stage_settings(stage, settings)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """`key: old then, new now` for every leaf that differs between two settings dicts."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [d for k in keys for d in settings_differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} then, {current!r} now"]
 
 
 def read_json(path: Path, stage: str, this_stage: str) -> dict:

@@ -87,6 +87,7 @@ def _adapter_dirs(settings: Settings, run_dir: RunDir) -> dict[str, Path]:
         config = run_dir.adapter_dir / "adapter_config.json"
         if not config.exists():
             raise MissingArtifactError(config, "finetune", "eval")
+        run_dir.check_upstream("finetune", "eval", settings)
         return {"adapter": run_dir.adapter_dir}
     found: dict[str, Path] = {}
     for entry in settings.eval.adapters:

@@ -34,6 +34,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
     spec = settings.finetune
     layers = read_json(run_dir.selection_json, "select", "finetune")["layers"]
+    run_dir.check_upstream("select", "finetune", settings)
     device = resolve_device(settings.device)
     seed_everything(settings.seed)
 

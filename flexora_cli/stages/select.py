@@ -74,6 +74,7 @@ def run(cfg: DictConfig | Settings) -> dict:
         layers, rule, alpha = explicit_layers(spec, len(params_per_layer)), "explicit", None
     else:
         searched = read_json(run_dir.alpha_json, "search", "select")
+        run_dir.check_upstream("search", "select", settings)
         alpha, params_per_layer = searched["alpha"], searched["lora_params_per_layer"]
         layers, rule = select_layers(alpha, spec.rule, spec.k, spec.max_params, params_per_layer), spec.rule
     run_dir.begin_stage("select", settings)
