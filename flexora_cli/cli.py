@@ -115,6 +115,7 @@ def expand_shorthands(stage: str, args: list[str]) -> list[str]:
 
 def precheck(overrides: list[str]) -> None:
     """Compose and validate the config once; any problem becomes a ConfigError."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -126,6 +127,11 @@ def precheck(overrides: list[str]) -> None:
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_hydra_message(exc)) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}" if mark else "a recipe file"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"malformed YAML in {where}: {problem}; fix the file") from exc
     load(cfg)
 
 

@@ -47,3 +47,9 @@ class RunLockedError(FlexoraError):
     """Another live process holds the run directory (exit 1)."""
 
     exit_code = 1
+
+
+class DiskFullError(FlexoraError):
+    """No space left while writing an artifact; the previous file (if any) is untouched (exit 1)."""
+
+    exit_code = 1

@@ -30,6 +30,10 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(spec: ModelSettings, device: torch.device) -> torch.dtype:
     if spec.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if spec.dtype == "float16" and device.type == "cpu":
+        raise ConfigError("model.dtype=float16 is not supported for training on CPU; use float32 or bfloat16")
+    if spec.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("model.dtype=bfloat16 is not supported by this GPU; use float16 or float32")
     return _DTYPES[spec.dtype]
 
 
@@ -53,11 +57,12 @@ def load_model(spec: ModelSettings, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     _check_local_path(spec)
+    dtype = resolve_dtype(spec, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             spec.name_or_path,
             revision=spec.revision,
-            dtype=resolve_dtype(spec, device),
+            dtype=dtype,
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=None if spec.trust_remote_code else True,
         )

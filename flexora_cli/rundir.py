@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -160,9 +161,10 @@ class RunDir:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            yield tmp
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            with _disk_full_is_clear(path):
+                yield tmp
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -173,10 +175,11 @@ class RunDir:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
-            yield tmp
-            for item in tmp.iterdir():
-                with open(item, "rb+") as handle:
-                    os.fsync(handle.fileno())
+            with _disk_full_is_clear(path):
+                yield tmp
+                for item in tmp.iterdir():
+                    with open(item, "rb+") as handle:
+                        os.fsync(handle.fileno())
             old = path.with_name(f".{path.name}.old")
             if path.exists():
                 shutil.rmtree(old, ignore_errors=True)
@@ -271,6 +274,23 @@ def read_json(path: Path, stage: str, this_stage: str) -> dict:
     if not path.exists():
         raise MissingArtifactError(path, stage, this_stage)
     return json.loads(path.read_text())
+
+
+@contextlib.contextmanager
+def _disk_full_is_clear(path: Path) -> Iterator[None]:
+    """Turn "no space left on device" into one clear error (the temp copy is removed by the caller)."""
+    from flexora_cli.errors import DiskFullError
+
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or "No space left" in str(exc) or "file write failed" in str(exc)):
+            raise
+        raise DiskFullError(
+            f"no space left on the device while writing {path} (the previous version, if any, is "
+            f"intact); free some space or point out_dir to a larger disk, then rerun to resume"
+        ) from exc
 
 
 def _lock_holder(path: Path) -> int | None:

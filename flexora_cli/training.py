@@ -26,7 +26,7 @@ def check_finite(loss: torch.Tensor, stage: str, step: int) -> float:
     value = float(loss.detach())
     if not math.isfinite(value):
         raise TrainingError(
-            f"{stage}: loss is {value} at step {step}; stopped, keeping the last good checkpoint; "
+            f"{stage}: loss is {value} at step {step}; stopped (checkpoints of earlier steps are kept); "
             f"lower the learning rate and rerun with force=true"
         )
     return value

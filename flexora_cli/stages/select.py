@@ -76,6 +76,12 @@ def run(cfg: DictConfig | Settings) -> dict:
         searched = read_json(run_dir.alpha_json, "search", "select")
         run_dir.check_upstream("search", "select", settings)
         alpha, params_per_layer = searched["alpha"], searched["lora_params_per_layer"]
+        model_layers = len(describe(settings.model, settings.lora))
+        if len(alpha) != model_layers:
+            raise ConfigError(
+                f"{run_dir.alpha_json} ranks {len(alpha)} layers but {settings.model.name_or_path} has "
+                f"{model_layers}: it comes from another model; rerun `flexora search` for this model"
+            )
         layers, rule = select_layers(alpha, spec.rule, spec.k, spec.max_params, params_per_layer), spec.rule
     run_dir.begin_stage("select", settings)
     result = {

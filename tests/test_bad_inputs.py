@@ -1,0 +1,319 @@
+"""The catalogue of bad inputs (docs/errors.md): each one is a single `error:` line naming the
+problem and the fix, exit code 2 (usage/config) or 1 (runtime), no traceback, and no new or changed
+files (a runtime failure may leave its stage's config.yaml and manifest entry, the run's log)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from flexora_cli import cli
+
+
+@dataclass
+class Case:
+    args: list[str]
+    message: str
+    """The start of the error line, after `error: `; {run}, {data} and {tmp} are filled in."""
+    exit_code: int = 2
+    prepare: Callable[[Path, Path], None] | None = None
+    """Called with (tmp folder, demo assets) before the command, to set up the situation."""
+    stage: str = "search"
+    extra: list[str] = field(default_factory=list)
+
+
+def _data(tmp: Path, demo: Path, *rows: object, split: str = "train") -> None:
+    (tmp / "data").mkdir(exist_ok=True)
+    body = b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in rows)
+    (tmp / "data" / f"{split}.jsonl").write_bytes(body)
+
+
+def _record(demo: Path) -> dict:
+    return json.loads((demo / "data" / "train.jsonl").read_text().splitlines()[0])
+
+
+def _searched(alpha: list[float], config: bool = False) -> Callable[[Path, Path], None]:
+    def prepare(tmp: Path, demo: Path) -> None:
+        search = tmp / "run" / "search"
+        search.mkdir(parents=True)
+        content = {"alpha": alpha, "lora_params_per_layer": [896] * len(alpha), "num_layers": len(alpha)}
+        (search / "alpha.json").write_text(json.dumps(content))
+        if config:  # as if searched with another LoRA rank
+            from omegaconf import OmegaConf
+
+            from flexora_cli.settings import load
+            from tests.conftest import compose_config
+
+            other = load(
+                compose_config("recipe=demo", f"demo_assets={demo}", f"out_dir={tmp / 'run'}", "lora=r8")
+            )
+            (search / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(other)))
+
+    return prepare
+
+
+def _foreign_adapter(tmp: Path, demo: Path) -> None:
+    adapter = tmp / "other"
+    adapter.mkdir()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "meta-llama/Meta-Llama-3-8B",
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    import torch
+
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 4096),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(4096, 4),
+        },
+        str(adapter / "adapter_model.safetensors"),
+    )
+
+
+def _live_lock(tmp: Path, demo: Path) -> None:
+    (tmp / "run").mkdir()
+    (tmp / "run" / ".lock").write_text(f"{os.getppid()}\n")
+
+
+def _broken_recipe(tmp: Path, demo: Path) -> None:
+    shutil.copytree(cli.recipes_dir(), tmp / "recipes")
+    (tmp / "recipes" / "recipe" / "broken.yaml").write_text("# @package _global_\nsearch: {budget: [1,\n")
+
+
+def _nan_at_step_3(tmp: Path, demo: Path) -> None:
+    """Marker: the test makes the loss NaN from the 5th loss computed on (step 3's LoRA step)."""
+
+
+def _disk_full(tmp: Path, demo: Path) -> None:
+    """Marker: the test makes every fsync fail with ENOSPC."""
+
+
+CASES = {
+    "unknown stage": Case(
+        ["serch"], "unknown stage 'serch'; use one of: search, select, finetune, eval, run"
+    ),
+    "unknown recipe": Case(
+        ["recipe=llama9"],
+        "In 'config': Could not find 'recipe/llama9'; valid options for recipe: chatglm3_piqa, demo,",
+    ),
+    "unknown group option": Case(
+        ["model=gpt5"], "In 'config': Could not find 'model/gpt5'; valid options for model: chatglm3_6b,"
+    ),
+    "unknown override key": Case(
+        ["search.budgett=5"], "Could not override 'search.budgett': no such setting"
+    ),
+    "wrong value type": Case(
+        ["search.budget=lots"], "Value 'lots' of type 'str' could not be converted to Integer"
+    ),
+    "invalid value": Case(
+        ["lora.r=0", "search.batch_size=-1"],
+        "invalid settings: lora.r: must be > 0, got 0; search.batch_size: must be > 0, got -1",
+    ),
+    "malformed recipe YAML": Case(
+        ["recipe=broken"],
+        "malformed YAML in {tmp}/recipes/recipe/broken.yaml, line 3:",
+        prepare=_broken_recipe,
+    ),
+    "dataset list outside eval": Case(
+        ["dataset=[piqa,hellaswag]"],
+        "dataset=[piqa,hellaswag]: several datasets work with `flexora eval` only",
+    ),
+    "missing data file": Case(
+        ["dataset.data_dir={tmp}/nowhere"],
+        "{tmp}/nowhere/train.jsonl not found: dataset.data_dir needs train.jsonl in the hellaswag hub schema",
+    ),
+    "unreadable data file": Case(
+        ["dataset.data_dir={tmp}/data"],
+        "{tmp}/data/train.jsonl: cannot read",
+        prepare=lambda t, d: _data(t, d, b"\xff\xfe\n"),
+    ),
+    "invalid JSON line": Case(
+        ["dataset.data_dir={tmp}/data"],
+        "{tmp}/data/train.jsonl:1: not valid JSON",
+        prepare=lambda t, d: _data(t, d, b"{oops\n"),
+    ),
+    "record missing a field": Case(
+        ["dataset.data_dir={tmp}/data"],
+        "{tmp}/data/train.jsonl:1: field 'endings': missing",
+        prepare=lambda t, d: _data(t, d, {k: v for k, v in _record(d).items() if k != "endings"}),
+    ),
+    "label out of range": Case(
+        ["dataset.data_dir={tmp}/data"],
+        "{tmp}/data/train.jsonl:1: field 'label': label '7' out of range, expected one of 0, 1, 2, 3",
+        prepare=lambda t, d: _data(t, d, {**_record(d), "label": "7"}),
+    ),
+    "empty split": Case(
+        ["dataset.data_dir={tmp}/data"],
+        "{tmp}/data/train.jsonl: split 'train' is empty",
+        prepare=lambda t, d: _data(t, d, b"\n"),
+    ),
+    "budget larger than the data": Case(
+        ["search.budget=99999"],
+        "search.budget=99999 + search.val_samples=400 exceeds the 2800 examples of demo[train]",
+    ),
+    "select.layers out of range": Case(
+        ["select.layers=[1,8]"],
+        "select.layers: [8] out of range for a model with 8 layers (0..7)",
+        stage="select",
+    ),
+    "select.layers duplicates": Case(
+        ["select.layers=[2,2]"],
+        "invalid settings: select.layers: duplicate indices in [2, 2]",
+        stage="select",
+    ),
+    "top_k not positive": Case(
+        ["select.rule=top_k", "select.k=0"],
+        "invalid settings: select.k: rule=top_k needs k > 0, got 0",
+        stage="select",
+    ),
+    "top_k above layer count": Case(
+        ["select.rule=top_k", "select.k=9"],
+        "select.k=9 is out of range for 8 layers; use 1..8",
+        stage="select",
+        prepare=_searched([0.1] * 8),
+    ),
+    "α from a model with other layer count": Case(
+        [],
+        "{run}/search/alpha.json ranks 12 layers but {demo}/model has 8",
+        stage="select",
+        prepare=_searched([0.1] * 12),
+    ),
+    "α from other settings": Case(
+        [],
+        "select: the search outputs in {run}/search were made with other settings (lora.alpha: 16.0 then, 8.0 now; lora.r: 8 then, 4 now)",
+        stage="select",
+        prepare=_searched([0.1] * 8, config=True),
+    ),
+    "selection empty": Case(
+        [], "select: no layer has α̂ > 0", exit_code=1, stage="select", prepare=_searched([-0.1] * 8)
+    ),
+    "stage before its input exists": Case(
+        [], "finetune needs {run}/select/selection.json, which `flexora select` writes", stage="finetune"
+    ),
+    "adapter from another base model": Case(
+        ["eval.adapters=[{tmp}/other]", "eval.limit=4"],
+        "adapter {tmp}/other does not fit {demo}/model (it was trained on meta-llama/Meta-Llama-3-8B)",
+        stage="eval",
+        prepare=_foreign_adapter,
+    ),
+    "eval adapter folder empty": Case(
+        ["eval.adapters=[{tmp}]"], "eval.adapters: {tmp} holds no adapter", stage="eval"
+    ),
+    "unknown eval dataset": Case(
+        ["eval.adapters=[]", "eval.datasets=[demo,nope]"],
+        "eval.datasets: no dataset config 'nope'; choose from demo,",
+        stage="eval",
+    ),
+    "model path that is not a model": Case(
+        ["model.name_or_path={tmp}"], "cannot load the tokenizer '{tmp}'", stage="search"
+    ),
+    "device=cuda without CUDA": Case(
+        ["device=cuda"], "device=cuda but this machine has no CUDA device; use device=cpu or device=auto"
+    ),
+    "unsupported dtype on the device": Case(
+        ["model.dtype=float16"],
+        "model.dtype=float16 is not supported for training on CPU; use float32 or bfloat16",
+    ),
+    "non-finite loss": Case(
+        ["search.budget=96", "search.val_samples=32", "checkpoint_every=1"],
+        "search: loss is nan at step 3; stopped (checkpoints of earlier steps are kept)",
+        exit_code=1,
+        prepare=_nan_at_step_3,
+    ),
+    "lock held by a live process": Case(
+        [], "{run} is in use by flexora process {ppid} ({run}/.lock)", exit_code=1, prepare=_live_lock
+    ),
+    "disk full while writing": Case(
+        ["select.layers=[2]"],
+        "no space left on the device while writing {run}/select/config.yaml",
+        exit_code=1,
+        stage="select",
+        prepare=_disk_full,
+    ),
+}
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, demo_dir, tmp_path, monkeypatch, capsys):
+    case = CASES[name]
+    demo = Path(demo_dir)
+    monkeypatch.chdir(tmp_path)
+    if case.prepare:
+        case.prepare(tmp_path, demo)
+    if case.prepare is _broken_recipe:
+        monkeypatch.setattr(cli, "recipes_dir", lambda: tmp_path / "recipes")
+    if case.prepare is _disk_full:
+        import errno
+
+        def no_space(*_args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", no_space)
+    if case.prepare is _nan_at_step_3:
+        from flexora_cli.stages import search
+
+        calls = []
+
+        def nan_loss(*args: object):
+            calls.append(1)
+            loss = real_loss(*args)
+            return loss * float("nan") if len(calls) >= 5 else loss
+
+        real_loss = search.answer_loss
+        monkeypatch.setattr(search, "answer_loss", nan_loss)
+    fill = {"tmp": tmp_path, "run": tmp_path / "run", "demo": demo, "ppid": os.getppid()}
+    args = [a.format(**fill) for a in case.args]
+    command = (
+        args
+        if name == "unknown stage"
+        else [case.stage, "recipe=demo", f"demo_assets={demo}", f"out_dir={tmp_path / 'run'}", *args]
+    )
+    before = _tree(tmp_path)
+
+    code = cli.main(command)
+
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == case.exit_code, err[-3000:]
+    assert len(errors) == 1 and err.rstrip().splitlines()[-1] == errors[0], err[-3000:]
+    assert errors[0].startswith("error: " + case.message.format(**fill)), errors[0]
+    assert "Traceback" not in err
+    if os.environ.get("FLEXORA_CATALOGUE_OUT"):  # regenerates docs/errors.md's table (see there)
+        shown = errors[0]
+        for key in ("run", "tmp", "demo"):  # longest first: run lies inside tmp
+            shown = shown.replace(str(fill[key]), f"<{key}>")
+        with open(os.environ["FLEXORA_CATALOGUE_OUT"], "a") as out:
+            out.write(
+                json.dumps(
+                    {"name": name, "stage": command[0], "args": case.args, "code": code, "error": shown}
+                )
+                + "\n"
+            )
+    after = _tree(tmp_path)
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    log = {"run/manifest.json", f"run/{case.stage}/config.yaml"} if case.exit_code == 1 else set()
+    kept = {k for k in changed if k.startswith(f"run/{case.stage}/checkpoints/")}  # earlier good steps
+    assert changed - kept <= log, changed
+
+
+def test_catalogue_is_documented_and_large_enough():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
+    assert len(CASES) >= 25
+    for name in CASES:
+        assert f"| {name} |" in doc, name
