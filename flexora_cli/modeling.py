@@ -37,6 +37,34 @@ def resolve_dtype(spec: ModelSettings, device: torch.device) -> torch.dtype:
     return _DTYPES[spec.dtype]
 
 
+def quantization_config(spec: ModelSettings, device: torch.device):
+    """bitsandbytes settings for a QLoRA base (None for a full-precision base)."""
+    if spec.quantization == "none":
+        return None
+    import importlib.util
+
+    if device.type != "cuda":
+        raise ConfigError(
+            f"model.quantization={spec.quantization} needs a CUDA GPU (bitsandbytes); "
+            f"use model.quantization=none on {device.type}"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"model.quantization={spec.quantization} needs bitsandbytes; "
+            f'install it with `pip install "flexora-cli[quant]"` or use model.quantization=none'
+        )
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
 def load_tokenizer(spec: ModelSettings):
     from transformers import AutoTokenizer
 
@@ -58,11 +86,14 @@ def load_model(spec: ModelSettings, device: torch.device) -> nn.Module:
 
     _check_local_path(spec)
     dtype = resolve_dtype(spec, device)
+    quantization = quantization_config(spec, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             spec.name_or_path,
             revision=spec.revision,
             dtype=dtype,
+            quantization_config=quantization,
+            device_map={"": device.index or 0} if quantization else None,
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=None if spec.trust_remote_code else True,
         )
@@ -70,7 +101,7 @@ def load_model(spec: ModelSettings, device: torch.device) -> nn.Module:
         raise ModelError(_load_failure("model", spec, exc)) from exc
     model.requires_grad_(False)
     get_layers(model, spec.layers_path)  # fail early, with the settings' names, if the layout differs
-    return model.to(device).eval()
+    return (model if quantization else model.to(device)).eval()  # bitsandbytes placed it already
 
 
 def get_layers(model: nn.Module, layers_path: str) -> nn.ModuleList:

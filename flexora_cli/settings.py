@@ -19,6 +19,7 @@ from flexora_cli.errors import ConfigError
 DATASET_SCHEMAS = ("hellaswag", "piqa", "winogrande", "race")
 SELECT_RULES = ("positive", "top_k", "budget")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("mcq", "completion")
 
@@ -41,6 +42,9 @@ class ModelSettings:
     """Names of the linear modules inside each layer that receive LoRA."""
     trust_remote_code: bool = False
     """Run the model repository's own code (only set for models that need it, e.g. ChatGLM3)."""
+    quantization: str = "none"
+    """Load the frozen base through bitsandbytes: none, 4bit (NF4, double quantisation, bf16
+    compute: QLoRA) or 8bit. Needs CUDA and the `quant` extra."""
 
 
 @dataclass
@@ -207,6 +211,10 @@ class Settings:
 
         check(
             self.model.dtype in DTYPES, f"model.dtype: {self.model.dtype!r} is not one of {', '.join(DTYPES)}"
+        )
+        check(
+            self.model.quantization in QUANTIZATIONS,
+            f"model.quantization: {self.model.quantization!r} is not one of {', '.join(QUANTIZATIONS)}",
         )
         check(bool(self.model.target_modules), "model.target_modules: empty; name at least one linear module")
         check(

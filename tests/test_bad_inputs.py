@@ -222,6 +222,10 @@ CASES = {
     "device=cuda without CUDA": Case(
         ["device=cuda"], "device=cuda but this machine has no CUDA device; use device=cpu or device=auto"
     ),
+    "4-bit without a GPU": Case(
+        ["model.quantization=4bit"],
+        "model.quantization=4bit needs a CUDA GPU (bitsandbytes); use model.quantization=none on cpu",
+    ),
     "unsupported dtype on the device": Case(
         ["model.dtype=float16"],
         "model.dtype=float16 is not supported for training on CPU; use float32 or bfloat16",
