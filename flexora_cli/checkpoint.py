@@ -26,11 +26,13 @@ from flexora_cli.settings import Settings
 
 
 def rng_state() -> dict:
+    """Every RNG's state, in types that torch.load(weights_only=True) accepts."""
+    version, internal, python_gauss = random.getstate()
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     state = {
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
+        "python": list(internal),
+        "python_version": version,
+        "python_gauss": python_gauss,
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
         "torch": torch.get_rng_state(),
     }
@@ -40,6 +42,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() captured."""
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     kind, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
