@@ -215,6 +215,7 @@ class RunDir:
             "config_hash": stage_hash(stage, settings),
             "started": _now(),
             "ended": None,
+            "pid": os.getpid(),
         }
         self.write_json(self.manifest_json, manifest)
 
@@ -240,6 +241,23 @@ class RunDir:
                 f"settings ({'; '.join(differing[:6])}); rerun `flexora {upstream}` (or `flexora run`) with "
                 f"these settings, or use another out_dir"
             )
+
+    def mark_failed(self, error: Exception) -> None:
+        """Record `error` on the stages this process left running (failed, or interrupted)."""
+        if not self.manifest_json.exists():
+            return
+        manifest = self.read_manifest()
+        running = [
+            e
+            for e in manifest["stages"].values()
+            if e.get("status") == "running" and e.get("pid") == os.getpid()
+        ]
+        if not running:
+            return
+        status = "interrupted" if getattr(error, "exit_code", None) == 130 else "failed"
+        for entry in running:
+            entry.update(status=status, ended=_now(), error=" ".join(str(error).split()))
+        self.write_json(self.manifest_json, manifest)
 
     def is_complete(self, stage: str, settings: Settings) -> bool:
         """True when the stage finished with exactly these settings."""

@@ -314,6 +314,9 @@ def test_bad_input(name, demo_dir, tmp_path, monkeypatch, capsys):
     log = {"run/manifest.json", f"run/{case.stage}/config.yaml"} if case.exit_code == 1 else set()
     kept = {k for k in changed if k.startswith(f"run/{case.stage}/checkpoints/")}  # earlier good steps
     assert changed - kept <= log, changed
+    if "run/manifest.json" in changed:  # the failed stage is recorded as such, with its error
+        entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"][case.stage]
+        assert entry["status"] == "failed" and entry["error"] == errors[0].removeprefix("error: ")
 
 
 def test_catalogue_is_documented_and_large_enough():

@@ -100,6 +100,8 @@ def test_kill_and_resume_is_bit_identical(demo_dir, tmp_path):
     assert "resuming from" in err and "stale lock" in err
     assert "stopped by SIGTERM after step" in " ".join(err.split())
     assert not (out / "finetune" / "adapter").exists()
+    manifest = json.loads((out / "manifest.json").read_text())["stages"]
+    assert manifest["search"]["status"] == "complete" and manifest["finetune"]["status"] == "interrupted"
 
     third = _flexora("run", *run)
     _, err = third.communicate()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 
 from flexora_cli import demo
+from flexora_cli.errors import FlexoraError
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings, load
 
@@ -26,11 +27,16 @@ def planted_layers(settings: Settings) -> list[int] | None:
 
 
 def locked(stage_run: Callable[[DictConfig | Settings], dict]) -> Callable[[DictConfig | Settings], dict]:
-    """Run a stage holding its run directory's lock (RunDir.lock)."""
+    """Run a stage holding its run directory's lock (RunDir.lock); a failure is noted in the manifest."""
 
     @functools.wraps(stage_run)
     def run(cfg: DictConfig | Settings) -> dict:
-        with RunDir(load(cfg).out_dir).lock():
-            return stage_run(cfg)
+        run_dir = RunDir(load(cfg).out_dir)
+        with run_dir.lock():
+            try:
+                return stage_run(cfg)
+            except (FlexoraError, KeyboardInterrupt) as exc:
+                run_dir.mark_failed(exc)
+                raise
 
     return run
