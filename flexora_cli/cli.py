@@ -8,6 +8,7 @@ with exit code 2 instead of Hydra's multi-line report.
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 
 from flexora_cli import __version__
@@ -20,6 +21,7 @@ STAGES = {
     "finetune": ("flexora_cli.stages.finetune", "train fresh LoRA on the selected layers only"),
     "eval": ("flexora_cli.stages.evaluate", "accuracy of the base model and adapters, per dataset"),
     "run": ("flexora_cli.stages.run", "all four stages, skipping those already complete"),
+    "export": ("flexora_cli.stages.export", "merge the adapter into the base: a plain transformers model"),
 }
 # Hydra flags that point at other config sources (they take a value).
 _CONFIG_SOURCE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
@@ -144,7 +146,9 @@ def _run_hydra(stage: str, args: list[str], debug: bool) -> int:
     @hydra.main(version_base="1.3", config_path=str(recipes_dir()), config_name="config")
     def task(cfg: DictConfig) -> None:
         try:
-            module.run(cfg)
+            result = module.run(cfg)
+            if cfg.get("print_json"):  # the stage's result on stdout, for pipelines (`| jq .layers`)
+                print(json.dumps(result, default=str))
         except FlexoraError as exc:
             if debug:
                 raise

@@ -25,26 +25,17 @@ from omegaconf import OmegaConf
 from flexora_cli import __version__
 from flexora_cli.settings import Settings
 
-STAGES = ("search", "select", "finetune", "eval")
+STAGES = ("search", "select", "finetune", "eval", "export")
 
 # The settings each stage's output depends on; later stages include earlier ones, so a change
 # upstream invalidates everything downstream.
+_SEARCH_KEYS = ("model", "dataset", "lora", "search", "seed", "format", "max_length")
 _STAGE_KEYS = {
-    "search": ("model", "dataset", "lora", "search", "seed", "format", "max_length"),
-    "select": ("model", "dataset", "lora", "search", "seed", "format", "max_length", "select"),
-    "finetune": ("model", "dataset", "lora", "search", "seed", "format", "max_length", "select", "finetune"),
-    "eval": (
-        "model",
-        "dataset",
-        "lora",
-        "search",
-        "seed",
-        "format",
-        "max_length",
-        "select",
-        "finetune",
-        "eval",
-    ),
+    "search": _SEARCH_KEYS,
+    "select": (*_SEARCH_KEYS, "select"),
+    "finetune": (*_SEARCH_KEYS, "select", "finetune"),
+    "eval": (*_SEARCH_KEYS, "select", "finetune", "eval"),
+    "export": (*_SEARCH_KEYS, "select", "finetune"),
 }
 
 
@@ -93,6 +84,10 @@ class RunDir:
     @property
     def predictions_jsonl(self) -> Path:
         return self.root / "eval" / "predictions.jsonl"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export" / "model"
 
     def checkpoints_dir(self, stage: str) -> Path:
         return self.root / stage / "checkpoints"

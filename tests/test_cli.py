@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -76,3 +77,23 @@ def test_dataset_list_outside_eval_is_one_clear_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: dataset=[piqa,hellaswag]: several datasets work with `flexora eval` only")
     assert len(err.splitlines()) == 1
+
+
+def test_print_json_puts_the_result_on_stdout(demo_dir, tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flexora_cli.cli",
+            "select",
+            "recipe=demo",
+            f"demo_assets={demo_dir}",
+            f"out_dir={tmp_path}",
+            "select.layers=[2,5]",
+            "print_json=true",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["layers"] == [2, 5]

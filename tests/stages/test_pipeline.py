@@ -154,29 +154,6 @@ def test_eval_completion_format_several_datasets_and_adapters(tiny_cfg, demo_dir
     )
 
 
-def test_merged_adapter_predicts_like_base_plus_adapter(tiny_cfg, demo_dir):
-    from flexora_cli.data.datasets import load_split
-    from flexora_cli.data.prompts import build_prompts
-    from flexora_cli.scoring import score
-
-    cfg = tiny_cfg("select.layers=[2,5]")
-    select.run(cfg)
-    finetune.run(cfg)
-    settings = load(cfg)
-    prompts = build_prompts(load_split(settings.dataset, "validation")[:30], "mcq")
-    tokenizer = AutoTokenizer.from_pretrained(f"{demo_dir}/model")
-    base = AutoModelForCausalLM.from_pretrained(f"{demo_dir}/model")
-    adapted = PeftModel.from_pretrained(base, str(RunDir(cfg.out_dir).adapter_dir)).eval()
-    with_adapter = score(adapted, tokenizer, prompts, 8, 128)
-    merged = adapted.merge_and_unload().eval()
-    assert not isinstance(merged, PeftModel)
-    folded = score(merged, tokenizer, prompts, 8, 128)
-    assert [max(range(4), key=s.__getitem__) for s in folded] == [
-        max(range(4), key=s.__getitem__) for s in with_adapter
-    ]
-    assert flat(folded) == pytest.approx(flat(with_adapter), abs=1e-4)
-
-
 def test_train_in_completion_format_evaluate_in_both(tiny_cfg):
     cfg = tiny_cfg("dataset=demo_winogrande", "format=completion", "select.layers=[1]")
     select.run(cfg)
@@ -226,3 +203,25 @@ def test_failed_stage_leaves_no_run_directory(tiny_cfg):
     with pytest.raises(ConfigError):
         select.run(cfg)
     assert not RunDir(cfg.out_dir).root.exists()
+
+
+def test_export_merges_into_a_plain_model_that_predicts_alike(tiny_cfg, demo_dir):
+    from flexora_cli.data.datasets import load_split
+    from flexora_cli.data.prompts import build_prompts
+    from flexora_cli.scoring import score
+    from flexora_cli.stages import export
+
+    cfg = tiny_cfg("select.layers=[2,5]")
+    select.run(cfg)
+    finetune.run(cfg)
+    exported = export.run(cfg)
+    model_dir = RunDir(cfg.out_dir).export_dir
+    assert exported["model_dir"] == str(model_dir) and (model_dir / "model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # the tokenizer travels with it
+    base = AutoModelForCausalLM.from_pretrained(f"{demo_dir}/model")
+    adapted = PeftModel.from_pretrained(base, str(RunDir(cfg.out_dir).adapter_dir)).eval()
+    prompts = build_prompts(load_split(load(cfg).dataset, "validation")[:30], "mcq")
+    assert flat(score(merged, tokenizer, prompts, 8, 128)) == pytest.approx(
+        flat(score(adapted, tokenizer, prompts, 8, 128)), abs=1e-4
+    )

@@ -1,0 +1,43 @@
+"""`flexora export` — fold the fine-tuned adapter into the base weights (peft merge_and_unload).
+
+Writes export/model/: a standard transformers model directory (safetensors weights, config,
+tokenizer) that loads with `AutoModelForCausalLM.from_pretrained` and needs no peft.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from peft import PeftModel
+
+from flexora_cli import report
+from flexora_cli.errors import ConfigError, MissingArtifactError
+from flexora_cli.modeling import load_model, load_tokenizer, resolve_device
+from flexora_cli.settings import Settings
+from flexora_cli.stages import locked, setup
+
+
+@locked
+def run(cfg: DictConfig | Settings) -> dict:
+    settings, run_dir = setup(cfg)
+    adapter_config = run_dir.adapter_dir / "adapter_config.json"
+    if not adapter_config.exists():
+        raise MissingArtifactError(adapter_config, "finetune", "export")
+    run_dir.check_upstream("finetune", "export", settings)
+    if settings.model.quantization != "none":
+        raise ConfigError(
+            "export merges into full-precision weights; set model.quantization=none "
+            "(the adapter trained on the quantized base still applies)"
+        )
+    tokenizer = load_tokenizer(settings.model)
+    model = load_model(settings.model, resolve_device(settings.device))
+    run_dir.begin_stage("export", settings)
+
+    merged = PeftModel.from_pretrained(model, str(run_dir.adapter_dir)).merge_and_unload()
+    with run_dir.atomic_dir(run_dir.export_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    run_dir.end_stage("export")
+    report.console.print(
+        f"export: wrote {run_dir.export_dir} (adapter merged into {settings.model.name_or_path})"
+    )
+    return {"model_dir": str(run_dir.export_dir), "base": settings.model.name_or_path}
