@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -18,11 +19,44 @@ from rich.progress import (
 from rich.table import Table
 
 console = Console(stderr=True)
+_plain = False
+
+
+def configure(quiet: bool) -> None:
+    """quiet=True, or stderr not being a terminal, turns progress bars into plain log lines."""
+    global _plain
+    _plain = quiet or not console.is_terminal
+
+
+class PlainProgress:
+    """Progress as one line per ~10% (or per minute), for logs; the same `update` as rich's."""
+
+    def __init__(self, description: str, total: int):
+        self.description, self.total, self.completed = description, max(total, 1), 0
+        self.started = self.last_print = time.monotonic()
+        self.next_fraction = 0.1
+
+    def update(self, _task: int, advance: int = 0, completed: int | None = None, info: str = "") -> None:
+        self.completed = completed if completed is not None else self.completed + advance
+        fraction, now = self.completed / self.total, time.monotonic()
+        if fraction >= self.next_fraction or now - self.last_print >= 60 or self.completed == self.total:
+            rate = (now - self.started) / max(self.completed, 1)
+            eta = rate * (self.total - self.completed)
+            console.print(
+                f"{self.description}: {self.completed}/{self.total} ({fraction:.0%}) "
+                f"elapsed {now - self.started:.0f}s eta {eta:.0f}s {info}".rstrip(),
+                markup=False,
+                highlight=False,
+            )
+            self.last_print, self.next_fraction = now, (int(fraction * 10) + 1) / 10
 
 
 @contextlib.contextmanager
-def progress(description: str, total: int) -> Iterator[Progress]:
-    """A progress bar with ETA; `update(task, advance=..., info=...)` on the yielded object."""
+def progress(description: str, total: int) -> Iterator[Progress | PlainProgress]:
+    """A progress bar with ETA; `update(task, advance=..., completed=..., info=...)` on it."""
+    if _plain:
+        yield PlainProgress(description, total)
+        return
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),

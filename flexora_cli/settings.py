@@ -196,6 +196,8 @@ class Settings:
     """Show full tracebacks instead of one-line errors."""
     force: bool = False
     """Redo stages even when complete (`flexora run`) and discard mid-stage checkpoints."""
+    quiet: bool = False
+    """Plain one-line progress for logs instead of progress bars (also when stderr is not a terminal)."""
     print_json: bool = False
     """Print the stage's result as one JSON object on stdout (everything else goes to stderr)."""
     checkpoint_every: int = 100

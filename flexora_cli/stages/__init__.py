@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
-from flexora_cli import demo
+from flexora_cli import demo, report
 from flexora_cli.errors import FlexoraError
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings, load
@@ -16,6 +16,7 @@ from flexora_cli.settings import Settings, load
 def setup(cfg: DictConfig | Settings) -> tuple[Settings, RunDir]:
     """Typed, validated settings and the run directory; builds the demo assets when asked."""
     settings = load(cfg)
+    report.configure(settings.quiet)
     if settings.demo_assets:
         demo.ensure_assets(settings.demo_assets)
     return settings, RunDir(settings.out_dir)
