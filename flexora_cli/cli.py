@@ -21,6 +21,10 @@ STAGES = {
     "finetune": ("flexora_cli.stages.finetune", "train fresh LoRA on the selected layers only"),
     "eval": ("flexora_cli.stages.evaluate", "accuracy of the base model and adapters, per dataset"),
     "run": ("flexora_cli.stages.run", "all four stages, skipping those already complete"),
+    "compare": (
+        "flexora_cli.stages.compare",
+        "base vs LoRA (all layers) vs Flexora vs random layers, one table",
+    ),
     "export": ("flexora_cli.stages.export", "merge the adapter into the base: a plain transformers model"),
 }
 # Hydra flags that point at other config sources (they take a value).

@@ -167,6 +167,14 @@ class EvalSettings:
 
 
 @dataclass
+class CompareSettings:
+    """`flexora compare`: the variants run beside Flexora's selection."""
+
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """One random-layers variant per seed, with as many layers as Flexora selected."""
+
+
+@dataclass
 class Settings:
     """Everything a stage needs; one instance per command."""
 
@@ -177,6 +185,7 @@ class Settings:
     select: SelectSettings = field(default_factory=SelectSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    compare: CompareSettings = field(default_factory=CompareSettings)
     out_dir: str = "runs/default"
     """The run directory shared by all stages."""
     seed: int = 42

@@ -225,3 +225,22 @@ def test_export_merges_into_a_plain_model_that_predicts_alike(tiny_cfg, demo_dir
     assert flat(score(merged, tokenizer, prompts, 8, 128)) == pytest.approx(
         flat(score(adapted, tokenizer, prompts, 8, 128)), abs=1e-4
     )
+
+
+def test_compare_writes_the_table_for_every_variant(tiny_cfg):
+    from flexora_cli.stages import compare
+
+    cfg = tiny_cfg("compare.seeds=[7]")
+    results = compare.run(cfg)
+    rows = {row["variant"]: row for row in results["rows"]}
+    assert list(rows) == ["base", "flexora", "lora_all", "random_7"]
+    assert rows["lora_all"]["layers"] == list(range(8)) and rows["base"]["trainable_params"] == 0
+    assert len(rows["random_7"]["layers"]) == len(rows["flexora"]["layers"])
+    assert rows["flexora"]["search_s"] is not None and rows["lora_all"]["search_s"] is None
+    assert all(0 <= row["acc"] <= 1 and row["n"] == 40 for row in rows.values())
+    out = RunDir(cfg.out_dir).root / "compare"
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (out / "table.md").read_text().count("\n") == 6  # header, rule, 4 variants
+    assert (out / "table.csv").read_text().splitlines()[0].startswith("variant,layers,trainable_params,acc")
+    again = compare.run(cfg)  # everything complete: reused, same numbers
+    assert again["rows"] == results["rows"]

@@ -1,0 +1,126 @@
+"""`flexora compare` — the paper's table in one command: base vs LoRA on all layers vs Flexora's
+layers vs random layers of the same count, on the same data, budget and training settings.
+
+Setup: the Flexora run is the command's own run directory; every other variant is a full run of
+its own under `<out_dir>/compare/<variant>/` with `select.layers` fixed (all layers, or a random
+draw per `compare.seeds`). Loop: `flexora run` on each (complete runs are reused, not redone).
+Save: compare/results.json, table.md and table.csv; the table is printed too.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import random
+
+from omegaconf import DictConfig
+from rich.table import Table
+
+from flexora_cli import report
+from flexora_cli.rundir import RunDir
+from flexora_cli.settings import Settings
+from flexora_cli.stages import locked, setup
+from flexora_cli.stages import run as pipeline
+
+COLUMNS = ("variant", "layers", "trainable_params", "acc", "acc_stderr", "search_s", "finetune_s")
+
+
+@locked
+def run(cfg: DictConfig | Settings) -> dict:
+    # -- setup: one settings object per variant ------------------------------------------------
+    settings, run_dir = setup(cfg)
+    settings.select.layers = None  # the Flexora variant selects from its own search
+    report.console.rule("[bold]compare: flexora")
+    pipeline.run(settings)
+    flexora_layers = json.loads(run_dir.selection_json.read_text())["layers"]
+    num_layers = json.loads(run_dir.selection_json.read_text())["num_layers"]
+    variants = {"flexora": settings, "lora_all": _variant(settings, "lora_all", "all")}
+    for seed in settings.compare.seeds:
+        drawn = sorted(random.Random(seed).sample(range(num_layers), len(flexora_layers)))
+        variants[f"random_{seed}"] = _variant(settings, f"random_{seed}", drawn)
+
+    # -- loop: run (or reuse) every variant -----------------------------------------------------
+    for name, variant in variants.items():
+        if name != "flexora":
+            report.console.rule(f"[bold]compare: {name}")
+            pipeline.run(variant)
+
+    # -- save ---------------------------------------------------------------------------------
+    rows = [_row("base", run_dir, settings, base=True)]
+    rows += [_row(name, RunDir(v.out_dir), v) for name, v in variants.items()]
+    results = {"dataset": settings.dataset.name, "model": settings.model.name_or_path, "rows": rows}
+    compare_dir = run_dir.root / "compare"
+    run_dir.write_json(compare_dir / "results.json", results)
+    run_dir.write_text(compare_dir / "table.md", _markdown(rows))
+    run_dir.write_text(compare_dir / "table.csv", _csv(rows))
+    report.console.print(_table(rows, settings))
+    report.console.print(f"compare: wrote {compare_dir}/table.md, table.csv, results.json")
+    return results
+
+
+def _variant(settings: Settings, name: str, layers) -> Settings:
+    variant = copy.deepcopy(settings)
+    variant.select.layers = layers
+    variant.out_dir = str(RunDir(settings.out_dir).root / "compare" / name)
+    return variant
+
+
+def _row(name: str, run_dir: RunDir, settings: Settings, base: bool = False) -> dict:
+    metrics = json.loads(run_dir.metrics_json.read_text())["results"][settings.dataset.name]
+    scored = metrics["base" if base else "adapter"]
+    row = {"variant": name, "acc": scored["acc"], "acc_stderr": scored["acc_stderr"], "n": scored["n"]}
+    if base:
+        return {**row, "layers": [], "trainable_params": 0, "search_s": None, "finetune_s": None}
+    selection = json.loads(run_dir.selection_json.read_text())
+    finetune = json.loads(run_dir.finetune_log_json.read_text())
+    search_s = (
+        json.loads(run_dir.alpha_json.read_text())["seconds"] if selection["rule"] != "explicit" else None
+    )
+    return {
+        **row,
+        "layers": selection["layers"],
+        "trainable_params": selection["trainable_params"],
+        "search_s": search_s,
+        "finetune_s": finetune["seconds"],
+    }
+
+
+def _cells(row: dict) -> list[str]:
+    layers = ",".join(str(i) for i in row["layers"]) or "–"
+    seconds = [f"{row[k]:.1f}" if row[k] is not None else "–" for k in ("search_s", "finetune_s")]
+    return [
+        row["variant"],
+        layers,
+        f"{row['trainable_params']:,}",
+        f"{row['acc']:.4f}",
+        f"{row['acc_stderr']:.4f}",
+        *seconds,
+    ]
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([" ".join(map(str, row["layers"])) if k == "layers" else row[k] for k in COLUMNS])
+    return out.getvalue()
+
+
+def _table(rows: list[dict], settings: Settings) -> Table:
+    table = Table(
+        title=f"{settings.dataset.name}: base vs LoRA vs Flexora vs random layers (n={rows[0]['n']})"
+    )
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("variant", "layers") else "right")
+    for row in rows:
+        table.add_row(*_cells(row))
+    return table
