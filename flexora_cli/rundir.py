@@ -66,6 +66,10 @@ class RunDir:
         return self.root / "select" / "selection.json"
 
     @property
+    def selection_png(self) -> Path:
+        return self.root / "select" / "alpha.png"
+
+    @property
     def adapter_dir(self) -> Path:
         return self.root / "finetune" / "adapter"
 

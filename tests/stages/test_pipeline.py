@@ -45,6 +45,7 @@ def test_stages_one_by_one(tiny_cfg, demo_dir):
     on_disk = json.loads(run_dir.selection_json.read_text())
     assert on_disk["layers"] == sorted(i for i in range(8) if alpha["alpha"][i] > 0) == selected["layers"]
     assert on_disk["rule"] == "positive"
+    assert run_dir.selection_png.stat().st_size > 0
     assert on_disk["trainable_params"] == sum(alpha["lora_params_per_layer"][i] for i in on_disk["layers"])
 
     tuned = finetune.run(cfg)
