@@ -52,17 +52,60 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpoints:
-    """The checkpoints of one stage in one run directory."""
+    """The checkpoints of one training stage, over the live objects they save and restore.
 
-    def __init__(self, run_dir: RunDir, stage: str, settings: Settings):
+    `trained`: the parameters the stage trains (by name); `stateful`: optimizers and schedulers.
+    """
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        stage: str,
+        settings: Settings,
+        trained: dict[str, torch.nn.Parameter],
+        stateful: dict[str, Any],
+    ):
         self.run_dir, self.stage, self.settings = run_dir, stage, settings
+        self.trained, self.stateful = trained, stateful
         self.dir = run_dir.checkpoints_dir(stage)
 
     def latest(self) -> Path | None:
         found = sorted(self.dir.glob("step-*")) if self.dir.is_dir() else []
         return found[-1] if found else None
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    def resume(self) -> tuple[int, list[dict]]:
+        """Load the newest checkpoint into the live objects: (step, history); (0, []) when none.
+
+        force=true discards existing checkpoints instead.
+        """
+        from flexora_cli import report
+
+        if self.settings.force:
+            self.clear()
+        latest = self.latest()
+        if latest is None:
+            return 0, []
+        started = time.perf_counter()
+        tensors, state = self.load(latest)
+        with torch.no_grad():  # in place, so the optimizers keep their references
+            for name, parameter in self.trained.items():
+                parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(state[name])
+        report.console.print(
+            f"{self.stage}: resuming from {latest} (step {state['step']}, "
+            f"loaded in {time.perf_counter() - started:.2f}s)"
+        )
+        return state["step"], state["history"]
+
+    def after_step(self, step: int, history: list[dict], stop: StopRequest) -> None:
+        """Save every `checkpoint_every` steps, or now when a stop was requested (then stop)."""
+        if step % self.settings.checkpoint_every and not stop.signal:
+            return
+        saved = self.save(step, {"history": history, **{n: o.state_dict() for n, o in self.stateful.items()}})
+        stop.stop_if_requested(self.stage, step, saved)
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write checkpoint `step` atomically, then keep only the newest `keep_checkpoints`."""
         path = self.dir / f"step-{step:07d}"
         full_state = {
@@ -73,7 +116,7 @@ class Checkpoints:
         }
         with self.run_dir.atomic_dir(path) as tmp:
             save_file(
-                {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                {k: v.detach().contiguous().cpu() for k, v in self.trained.items()},
                 str(tmp / "weights.safetensors"),
             )
             torch.save(full_state, tmp / "state.pt")
@@ -95,43 +138,6 @@ class Checkpoints:
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def state_dicts(stateful: dict[str, Any]) -> dict[str, Any]:
-    return {name: obj.state_dict() for name, obj in stateful.items()}
-
-
-def resume(
-    checkpoints: Checkpoints, trained: dict[str, torch.nn.Parameter], stateful: dict[str, Any], force: bool
-) -> tuple[int, list[dict]]:
-    """Load the newest checkpoint into the live objects: (step, history); (0, []) when none.
-
-    force=True discards existing checkpoints instead.
-    """
-    from flexora_cli import report
-
-    if force:
-        checkpoints.clear()
-    latest = checkpoints.latest()
-    if latest is None:
-        return 0, []
-    started = time.perf_counter()
-    tensors, state = checkpoints.load(latest)
-    restore(tensors, trained)
-    for name, obj in stateful.items():
-        obj.load_state_dict(state[name])
-    report.console.print(
-        f"{checkpoints.stage}: resuming from {latest} (step {state['step']}, "
-        f"loaded in {time.perf_counter() - started:.2f}s)"
-    )
-    return state["step"], state["history"]
-
-
-def restore(tensors: dict[str, torch.Tensor], named: dict[str, torch.nn.Parameter]) -> None:
-    """Copy checkpoint tensors into the live parameters, in place (optimizers keep their refs)."""
-    with torch.no_grad():
-        for name, parameter in named.items():
-            parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
 
 
 class Interrupted(FlexoraError):

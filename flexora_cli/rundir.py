@@ -241,6 +241,16 @@ class RunDir:
                 f"these settings, or use another out_dir"
             )
 
+    def require_adapter(self, this_stage: str, settings: Settings) -> Path:
+        """This run's fine-tuned adapter, which must exist and match `settings` (check_upstream)."""
+        from flexora_cli.errors import MissingArtifactError
+
+        config = self.adapter_dir / "adapter_config.json"
+        if not config.exists():
+            raise MissingArtifactError(config, "finetune", this_stage)
+        self.check_upstream("finetune", this_stage, settings)
+        return self.adapter_dir
+
     def mark_failed(self, error: Exception) -> None:
         """Record `error` on the stages this process left running (failed, or interrupted)."""
         if not self.manifest_json.exists():

@@ -32,9 +32,9 @@ def test_rng_state_round_trip():
 def test_checkpoint_from_other_settings_is_refused(tiny_cfg):
     settings = load(tiny_cfg())
     run_dir = RunDir(settings.out_dir)
-    Checkpoints(run_dir, "search", settings).save(3, {"w": torch.ones(2)}, {"history": []})
+    Checkpoints(run_dir, "search", settings, {"w": torch.ones(2)}, {}).save(3, {"history": []})
     other = load(tiny_cfg("lora=r8", "search.lr=0.5"))
-    checkpoints = Checkpoints(run_dir, "search", other)
+    checkpoints = Checkpoints(run_dir, "search", other, {"w": torch.ones(2)}, {})
     with pytest.raises(
         ConfigError, match=r"lora\.r: 4 then, 8 now.*search\.lr: 0\.001 then, 0\.5 now.*force=true"
     ):
@@ -43,9 +43,11 @@ def test_checkpoint_from_other_settings_is_refused(tiny_cfg):
 
 def test_keeps_only_the_newest_checkpoints(tiny_cfg):
     settings = load(tiny_cfg("keep_checkpoints=2"))
-    checkpoints = Checkpoints(RunDir(settings.out_dir), "finetune", settings)
+    weight = torch.zeros(2)
+    checkpoints = Checkpoints(RunDir(settings.out_dir), "finetune", settings, {"w": weight}, {})
     for step in (1, 2, 3):
-        checkpoints.save(step, {"w": torch.full((2,), float(step))}, {"history": []})
+        weight.fill_(float(step))
+        checkpoints.save(step, {"history": []})
     assert [p.name for p in sorted(checkpoints.dir.iterdir())] == ["step-0000002", "step-0000003"]
     tensors, state = checkpoints.load(checkpoints.latest())
     assert state["step"] == 3 and tensors["w"].tolist() == [3.0, 3.0]

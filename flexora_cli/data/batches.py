@@ -61,15 +61,11 @@ def training_features(
     tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_length: int
 ) -> list[dict]:
     """input_ids and labels (-100 on the context) for the gold continuation of each prompt."""
-    features = []
-    for prompt in prompts:
-        context_ids, answer_ids = split_tokens(
-            tokenizer, prompt.contexts[prompt.gold], prompt.continuations[prompt.gold], max_length
-        )
-        features.append(
-            {"input_ids": context_ids + answer_ids, "labels": [-100] * len(context_ids) + answer_ids}
-        )
-    return features
+    pairs = [(prompt.contexts[prompt.gold], prompt.continuations[prompt.gold]) for prompt in prompts]
+    return [
+        {"input_ids": context_ids + answer_ids, "labels": [-100] * len(context_ids) + answer_ids}
+        for context_ids, answer_ids in split_pairs(tokenizer, pairs, max_length)
+    ]
 
 
 class Batches:

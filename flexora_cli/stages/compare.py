@@ -34,8 +34,8 @@ def run(cfg: DictConfig | Settings) -> dict:
     settings.select.layers = None  # the Flexora variant selects from its own search
     report.console.rule("[bold]compare: flexora")
     pipeline.run(settings)
-    flexora_layers = json.loads(run_dir.selection_json.read_text())["layers"]
-    num_layers = json.loads(run_dir.selection_json.read_text())["num_layers"]
+    selection = json.loads(run_dir.selection_json.read_text())
+    flexora_layers, num_layers = selection["layers"], selection["num_layers"]
     variants = {"flexora": settings, "lora_all": _variant(settings, "lora_all", "all")}
     for seed in settings.compare.seeds:
         drawn = sorted(random.Random(seed).sample(range(num_layers), len(flexora_layers)))

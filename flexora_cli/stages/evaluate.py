@@ -20,7 +20,7 @@ from peft import PeftModel
 from flexora_cli import report
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import Prompt, build_prompts
-from flexora_cli.errors import ConfigError, MissingArtifactError, ModelError
+from flexora_cli.errors import ConfigError, ModelError
 from flexora_cli.modeling import load_model, load_tokenizer, resolve_device
 from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import choice_metrics, score
@@ -84,11 +84,7 @@ def run(cfg: DictConfig | Settings) -> dict:
 def _adapter_dirs(settings: Settings, run_dir: RunDir) -> dict[str, Path]:
     """Variant name → adapter directory: this run's adapter, or each of eval.adapters."""
     if settings.eval.adapters is None:
-        config = run_dir.adapter_dir / "adapter_config.json"
-        if not config.exists():
-            raise MissingArtifactError(config, "finetune", "eval")
-        run_dir.check_upstream("finetune", "eval", settings)
-        return {"adapter": run_dir.adapter_dir}
+        return {"adapter": run_dir.require_adapter("eval", settings)}
     found: dict[str, Path] = {}
     for entry in settings.eval.adapters:
         path = Path(entry)

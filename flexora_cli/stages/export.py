@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from peft import PeftModel
 
 from flexora_cli import report
-from flexora_cli.errors import ConfigError, MissingArtifactError
+from flexora_cli.errors import ConfigError
 from flexora_cli.modeling import load_model, load_tokenizer, resolve_device
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
@@ -19,10 +19,7 @@ from flexora_cli.stages import locked, setup
 @locked
 def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
-    adapter_config = run_dir.adapter_dir / "adapter_config.json"
-    if not adapter_config.exists():
-        raise MissingArtifactError(adapter_config, "finetune", "export")
-    run_dir.check_upstream("finetune", "export", settings)
+    adapter_dir = run_dir.require_adapter("export", settings)
     if settings.model.quantization != "none":
         raise ConfigError(
             "export merges into full-precision weights; set model.quantization=none "
@@ -32,7 +29,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     model = load_model(settings.model, resolve_device(settings.device))
     run_dir.begin_stage("export", settings)
 
-    merged = PeftModel.from_pretrained(model, str(run_dir.adapter_dir)).merge_and_unload()
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     with run_dir.atomic_dir(run_dir.export_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

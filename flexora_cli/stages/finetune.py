@@ -12,7 +12,7 @@ import time
 from omegaconf import DictConfig
 
 from flexora_cli import report
-from flexora_cli.checkpoint import Checkpoints, StopRequest, resume, state_dicts
+from flexora_cli.checkpoint import Checkpoints, StopRequest
 from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
@@ -53,8 +53,8 @@ def run(cfg: DictConfig | Settings) -> dict:
     )
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizers = {"optimizer": optimizer, "scheduler": schedule}
-    checkpoints = Checkpoints(run_dir, "finetune", settings)
-    step, history = resume(checkpoints, trained, optimizers, settings.force)
+    checkpoints = Checkpoints(run_dir, "finetune", settings, trained, optimizers)
+    step, history = checkpoints.resume()
     run_dir.begin_stage("finetune", settings)
 
     # -- loop: checkpoints fall on optimizer steps, so the data position is step × grad_accum ----
@@ -79,9 +79,7 @@ def run(cfg: DictConfig | Settings) -> dict:
                     history.append({"step": step, "train_loss": running, "lr": schedule.get_last_lr()[0]})
                 bar.update(0, advance=1, info=f"loss {running:.3f}")
                 running = 0.0
-                if step % settings.checkpoint_every == 0 or stop.signal:
-                    saved = checkpoints.save(step, trained, {"history": history, **state_dicts(optimizers)})
-                    stop.stop_if_requested("finetune", step, saved)
+                checkpoints.after_step(step, history, stop)
                 if step >= total_steps:
                     break
             epoch, offset = epoch + 1, 0

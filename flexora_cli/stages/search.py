@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from flexora_cli import report
-from flexora_cli.checkpoint import Checkpoints, StopRequest, resume, state_dicts
+from flexora_cli.checkpoint import Checkpoints, StopRequest
 from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import carve_validation, load_split
 from flexora_cli.data.prompts import build_prompts
@@ -84,8 +84,8 @@ def run(cfg: DictConfig | Settings) -> dict:
     trained = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     trained["flexora.alpha_hat"] = gates.alpha_hat
     optimizers = {"optimizer": optimizer, "scheduler": schedule, "alpha_optimizer": alpha_optimizer}
-    checkpoints = Checkpoints(run_dir, "search", settings)
-    step, history = resume(checkpoints, trained, optimizers, settings.force)
+    checkpoints = Checkpoints(run_dir, "search", settings, trained, optimizers)
+    step, history = checkpoints.resume()
     run_dir.begin_stage("search", settings)
 
     # -- loop ---------------------------------------------------------------------------------
@@ -124,9 +124,7 @@ def run(cfg: DictConfig | Settings) -> dict:
                     )
                 top = ",".join(str(i) for i in gates.ranking()[:3])
                 bar.update(0, advance=1, info=f"loss {train_value:.3f} val {val_value:.3f} top {top}")
-                if step % settings.checkpoint_every == 0 or stop.signal:
-                    saved = checkpoints.save(step, trained, {"history": history, **state_dicts(optimizers)})
-                    stop.stop_if_requested("search", step, saved)
+                checkpoints.after_step(step, history, stop)
 
     # -- save ---------------------------------------------------------------------------------
     alpha = [float(a) for a in gates.alpha_hat.tolist()]
