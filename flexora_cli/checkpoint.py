@@ -14,7 +14,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from safetensors.torch import load_file, save_file
 from flexora_cli.errors import ConfigError, FlexoraError
 from flexora_cli.rundir import RunDir, settings_differences, stage_settings
 from flexora_cli.settings import Settings
+
+if TYPE_CHECKING:
+    from flexora_cli.engine import Engine
 
 
 def rng_state() -> dict:
@@ -54,7 +57,9 @@ def set_rng_state(state: dict) -> None:
 class Checkpoints:
     """The checkpoints of one training stage, over the live objects they save and restore.
 
-    `trained`: the parameters the stage trains (by name); `stateful`: optimizers and schedulers.
+    `trained`: the parameters the stage trains (by name); `stateful`: optimizers, schedulers and
+    the fp16 loss scaler. Every process loads a checkpoint; only the main one writes them. The
+    step and global batch size fix the data position, so any process count can resume.
     """
 
     def __init__(
@@ -64,9 +69,10 @@ class Checkpoints:
         settings: Settings,
         trained: dict[str, torch.nn.Parameter],
         stateful: dict[str, Any],
+        engine: Engine | None = None,
     ):
         self.run_dir, self.stage, self.settings = run_dir, stage, settings
-        self.trained, self.stateful = trained, stateful
+        self.trained, self.stateful, self.engine = trained, stateful, engine
         self.dir = run_dir.checkpoints_dir(stage)
 
     def latest(self) -> Path | None:
@@ -99,15 +105,22 @@ class Checkpoints:
         return state["step"], state["history"]
 
     def after_step(self, step: int, history: list[dict], stop: StopRequest) -> None:
-        """Save every `checkpoint_every` steps, or now when a stop was requested (then stop)."""
-        if step % self.settings.checkpoint_every and not stop.signal:
+        """Save every `checkpoint_every` steps, or now when a stop was requested on any process
+        (then stop every process)."""
+        requested = stop.signal is not None
+        if self.engine is not None:
+            requested = self.engine.any_process(requested)
+        if step % self.settings.checkpoint_every and not requested:
             return
         saved = self.save(step, {"history": history, **{n: o.state_dict() for n, o in self.stateful.items()}})
-        stop.stop_if_requested(self.stage, step, saved)
+        if requested:
+            stop.stop(self.stage, step, saved)
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write checkpoint `step` atomically, then keep only the newest `keep_checkpoints`."""
         path = self.dir / f"step-{step:07d}"
+        if not self.run_dir.writes:
+            return path
         full_state = {
             **state,
             "step": step,
@@ -137,7 +150,8 @@ class Checkpoints:
         return load_file(str(path / "weights.safetensors")), state
 
     def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.run_dir.writes:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Interrupted(FlexoraError):
@@ -170,10 +184,9 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signum
 
-    def stop_if_requested(self, stage: str, step: int, checkpoint: Path) -> None:
-        if self.signal is not None:
-            name = signal.Signals(self.signal).name
-            raise Interrupted(
-                f"{stage}: stopped by {name} after step {step}; checkpoint {checkpoint} written; "
-                f"rerun the same command to resume"
-            )
+    def stop(self, stage: str, step: int, checkpoint: Path) -> None:
+        name = signal.Signals(self.signal).name if self.signal is not None else "a signal to another process"
+        raise Interrupted(
+            f"{stage}: stopped by {name} after step {step}; checkpoint {checkpoint} written; "
+            f"rerun the same command to resume"
+        )

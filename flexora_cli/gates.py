@@ -2,8 +2,9 @@
 
 Every LoRA path of layer i computes  W x + αᵢ · s · B A x  with  αᵢ = N · softmax(α̂)ᵢ.
 α̂ starts at 0, so αᵢ = 1 and the gated model equals plain LoRA. The gate multiplies the output
-of each LoRA `B` projection once (a forward hook on `lora_B`), which is the LoRA path's output
-before peft applies the scaling s; the base path W x is untouched.
+of each LoRA `A` projection (a forward hook on `lora_A`): B(αᵢ A x) = αᵢ B A x, and the tensor
+autograd keeps for α's gradient is then the rank-r A x, not a hidden-size one, so the search
+needs little more memory than LoRA. The base path W x is untouched.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ class LayerGates(nn.Module):
         gated = 0
         for index, layer in enumerate(layers):
             for module in layer.modules():
-                if isinstance(module, LoraLayer) and adapter_name in module.lora_B:
+                if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
                     hook = self._make_hook(index)
-                    self._handles.append(module.lora_B[adapter_name].register_forward_hook(hook))
+                    self._handles.append(module.lora_A[adapter_name].register_forward_hook(hook))
                     gated += 1
         return gated
 
@@ -58,3 +59,14 @@ class LayerGates(nn.Module):
         """Layer indices, highest α̂ first (ties: lower index first)."""
         values = self.alpha_hat.detach().float().cpu().tolist()
         return sorted(range(len(values)), key=lambda i: (-values[i], i))
+
+
+class GatedModel(nn.Module):
+    """The LoRA model and its gates as one module, so DDP averages α̂'s gradient like LoRA's."""
+
+    def __init__(self, lm: nn.Module, gates: LayerGates):
+        super().__init__()
+        self.lm, self.gates = lm, gates
+
+    def forward(self, **inputs):
+        return self.lm(**inputs)

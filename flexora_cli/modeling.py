@@ -7,6 +7,8 @@ Nothing here knows Llama's names: the layer list is `ModelSettings.layers_path` 
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,14 +29,34 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(spec: ModelSettings, device: torch.device) -> torch.dtype:
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32, bf16 or fp16 for `precision` on `device` (auto: bf16 on CUDA, fp32 on CPU)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision=fp16 needs a CUDA GPU; use precision=fp32 (or bf16) on CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision=bf16 is not supported by this GPU; use precision=fp16 or fp32")
+    return precision
+
+
+def resolve_dtype(spec: ModelSettings, device: torch.device, precision: str) -> torch.dtype:
+    """The frozen base's dtype: model.dtype, or (auto) the dtype of the resolved `precision`."""
     if spec.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if spec.dtype == "float16" and device.type == "cpu":
         raise ConfigError("model.dtype=float16 is not supported for training on CPU; use float32 or bfloat16")
     if spec.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("model.dtype=bfloat16 is not supported by this GPU; use float16 or float32")
     return _DTYPES[spec.dtype]
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the transformers model inside `model` (any wrapper) can compute only the last logits."""
+    from transformers import PreTrainedModel
+
+    base = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def quantization_config(spec: ModelSettings, device: torch.device):
@@ -80,12 +102,13 @@ def load_tokenizer(spec: ModelSettings):
     return tokenizer
 
 
-def load_model(spec: ModelSettings, device: torch.device) -> nn.Module:
-    """The base causal LM in eval mode on `device`, weights frozen."""
+def load_model(spec: ModelSettings, device: torch.device, precision: str) -> nn.Module:
+    """The base causal LM in eval mode on `device`, weights frozen, in the dtype of `precision`
+    (resolve_precision) unless model.dtype names one."""
     from transformers import AutoModelForCausalLM
 
     _check_local_path(spec)
-    dtype = resolve_dtype(spec, device)
+    dtype = resolve_dtype(spec, device, precision)
     quantization = quantization_config(spec, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -138,13 +161,36 @@ def attach_lora(
 ) -> PeftModel:
     """Wrap `model` with fresh LoRA adapters on the target modules of `layers` only."""
     try:
-        peft_model = get_peft_model(model, lora_config(spec, lora, layers))
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            peft_model = get_peft_model(model, lora_config(spec, lora, layers))
     except ValueError as exc:
         raise ModelError(
             f"cannot attach LoRA to {list(spec.target_modules)}: {str(exc).splitlines()[0]}; "
             f"set model.target_modules to linear modules of this model"
         ) from exc
     return peft_model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in backward (non-reentrant activation checkpointing).
+
+    transformers also hooks the embeddings so that their output requires grad, which would run
+    backward through every layer. Non-reentrant checkpointing does not need it, so the hook is
+    removed again and backward still stops at the lowest layer that carries LoRA.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"gradient_checkpointing=true: {type(base).__name__} does not support it; "
+            f"set gradient_checkpointing=false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.disable_input_require_grads()
 
 
 def lora_params_per_layer(model: nn.Module, spec: ModelSettings, lora: LoraSettings) -> list[int]:

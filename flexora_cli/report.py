@@ -22,10 +22,16 @@ console = Console(stderr=True)
 _plain = False
 
 
-def configure(quiet: bool) -> None:
-    """quiet=True, or stderr not being a terminal, turns progress bars into plain log lines."""
+def configure(quiet: bool, main_process: bool = True) -> None:
+    """quiet=True, or stderr not being a terminal, turns progress bars into plain log lines.
+    Processes after the first of a multi-process launch print nothing but errors."""
     global _plain
     _plain = quiet or not console.is_terminal
+    console.quiet = not main_process
+    if _plain or not main_process:  # transformers' own "Loading weights" bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 class PlainProgress:

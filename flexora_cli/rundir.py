@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,17 @@ STAGES = ("search", "select", "finetune", "eval", "export")
 
 # The settings each stage's output depends on; later stages include earlier ones, so a change
 # upstream invalidates everything downstream.
-_SEARCH_KEYS = ("model", "dataset", "lora", "search", "seed", "format", "max_length")
+_SEARCH_KEYS = (
+    "model",
+    "dataset",
+    "lora",
+    "search",
+    "seed",
+    "format",
+    "max_length",
+    "precision",
+    "group_by_length",
+)
 _STAGE_KEYS = {
     "search": _SEARCH_KEYS,
     "select": (*_SEARCH_KEYS, "select"),
@@ -39,11 +49,22 @@ _STAGE_KEYS = {
 }
 
 
+def is_main_process() -> bool:
+    """False in the processes after the first of a multi-process launch (`accelerate launch`,
+    torchrun set RANK): they compute, but only the main process writes and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class RunDir:
-    """Paths of every artifact under `out_dir`, plus atomic writers and the manifest."""
+    """Paths of every artifact under `out_dir`, plus atomic writers and the manifest.
+
+    Only the main process writes (`writes`); elsewhere the writers do nothing, and the atomic
+    context managers hand out a throwaway temp location.
+    """
 
     def __init__(self, out_dir: str | os.PathLike):
         self.root = Path(out_dir)
+        self.writes = is_main_process()
 
     # -- layout -------------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -112,6 +133,9 @@ class RunDir:
         from flexora_cli import report
         from flexora_cli.errors import RunLockedError
 
+        if not self.writes:
+            yield
+            return
         path = self.root / ".lock"
         created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -155,6 +179,10 @@ class RunDir:
     @contextlib.contextmanager
     def atomic_file(self, path: Path) -> Iterator[Path]:
         """Yield a temp path beside `path`; on success it is fsynced and renamed onto `path`."""
+        if not self.writes:
+            with tempfile.TemporaryDirectory() as scratch:
+                yield Path(scratch) / path.name
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -171,6 +199,10 @@ class RunDir:
     @contextlib.contextmanager
     def atomic_dir(self, path: Path) -> Iterator[Path]:
         """Yield a temp folder beside `path`; on success it replaces `path` whole."""
+        if not self.writes:
+            with tempfile.TemporaryDirectory() as scratch:
+                yield Path(scratch)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
@@ -188,10 +220,13 @@ class RunDir:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def save_figure(self, path: Path, figure) -> Path:
-        """Save a matplotlib figure as PNG, atomically, and release it."""
+    def save_figure(self, path: Path, make_figure: Callable[[], Any]) -> Path:
+        """Draw a matplotlib figure (main process only), save it as PNG atomically, release it."""
         import matplotlib.pyplot as plt
 
+        if not self.writes:
+            return path
+        figure = make_figure()
         with self.atomic_file(path) as tmp:
             figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
         plt.close(figure)
@@ -205,6 +240,8 @@ class RunDir:
 
     def begin_stage(self, stage: str, settings: Settings) -> None:
         """Record the stage as running and write the resolved settings beside its outputs."""
+        if not self.writes:
+            return
         config = OmegaConf.to_yaml(OmegaConf.structured(settings))
         self.write_text(self.stage_dir(stage) / "config.yaml", config)
         manifest = self.read_manifest()
@@ -219,6 +256,8 @@ class RunDir:
         self.write_json(self.manifest_json, manifest)
 
     def end_stage(self, stage: str, **summary: Any) -> None:
+        if not self.writes:
+            return
         manifest = self.read_manifest()
         entry = manifest["stages"].setdefault(stage, {})
         entry.update(status="complete", ended=_now(), **summary)
@@ -253,7 +292,7 @@ class RunDir:
 
     def mark_failed(self, error: Exception) -> None:
         """Record `error` on the stages this process left running (failed, or interrupted)."""
-        if not self.manifest_json.exists():
+        if not self.writes or not self.manifest_json.exists():
             return
         manifest = self.read_manifest()
         running = [

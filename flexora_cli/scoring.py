@@ -13,7 +13,6 @@ position on are computed.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flexora_cli.data.batches import split_pairs
 from flexora_cli.data.prompts import Prompt
+from flexora_cli.modeling import accepts_logits_to_keep
 
 PACKABLE_MODEL_TYPES = ("llama", "mistral", "gemma", "qwen2", "qwen3")
 """Architectures whose attention honours a custom 4-D mask with explicit position ids."""
@@ -131,8 +131,7 @@ def score(
     device = next(model.parameters()).device
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    forward = getattr(model, "get_base_model", lambda: model)().forward
-    keeps_logits = "logits_to_keep" in inspect.signature(forward).parameters
+    keeps_logits = accepts_logits_to_keep(model)
 
     def run_batches(rows_per_pass: int) -> list[list[float]]:
         scores = [[math.nan] * len(p.continuations) for p in prompts]

@@ -22,6 +22,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("mcq", "completion")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -35,7 +36,8 @@ class ModelSettings:
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin."""
     dtype: str = "auto"
-    """Weight dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
+    """Dtype of the frozen base weights: auto (the dtype of `precision`: bfloat16 for bf16,
+    float16 for fp16, float32 for fp32), float32, bfloat16, float16."""
     layers_path: str = "model.layers"
     """Attribute path from the causal-LM object to its list of transformer layers."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -95,7 +97,9 @@ class SearchSettings:
     epochs: int = 1
     """Passes over the budget."""
     batch_size: int = 4
-    """Batch size of both the LoRA and the α step."""
+    """Examples per LoRA step and per α step, over all processes together (a global batch)."""
+    grad_accum: int = 1
+    """Micro-batches each process splits its share of a step into (same step, less memory)."""
     lr: float = 1e-4
     """LoRA learning rate (AdamW, cosine schedule with warmup)."""
     weight_decay: float = 0.0
@@ -129,9 +133,9 @@ class FinetuneSettings:
     epochs: float = 3.0
     """Passes over the training split (fractions allowed)."""
     batch_size: int = 8
-    """Per-step batch size."""
+    """Examples per optimizer step, over all processes together (a global batch)."""
     grad_accum: int = 1
-    """Gradient accumulation steps."""
+    """Micro-batches each process splits its share of a step into (same step, less memory)."""
     lr: float = 1e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -192,6 +196,13 @@ class Settings:
     """Seed for data order, the α validation carve-out and LoRA init."""
     device: str = "auto"
     """cpu, cuda or auto (cuda when available)."""
+    precision: str = "auto"
+    """Mixed precision through accelerate: fp32, bf16 (autocast) or fp16 (autocast and loss
+    scaling); auto: bf16 on CUDA, fp32 on CPU. LoRA weights and α̂ stay in float32."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in backward instead of storing them (less memory, ~30% slower)."""
+    group_by_length: bool = True
+    """Build training batches from examples of similar length (less padding), in a seeded order."""
     format: str = "mcq"
     """Prompt format for search, finetune and (unless eval.format is set) eval: mcq (lettered
     options, score the letter; the paper's) or completion (lm-evaluation-harness's task prompts)."""
@@ -248,7 +259,7 @@ class Settings:
         )
         check(self.lora.r > 0, f"lora.r: must be > 0, got {self.lora.r}")
         check(0.0 <= self.lora.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
-        for key in ("budget", "val_samples", "epochs", "batch_size", "log_every"):
+        for key in ("budget", "val_samples", "epochs", "batch_size", "grad_accum", "log_every"):
             value = getattr(self.search, key)
             check(value > 0, f"search.{key}: must be > 0, got {value}")
         check(self.search.alpha_lr > 0, f"search.alpha_lr: must be > 0, got {self.search.alpha_lr}")
@@ -294,6 +305,10 @@ class Settings:
         check(
             self.eval.datasets is None or len(self.eval.datasets) > 0,
             "eval.datasets: empty list; name at least one dataset config or leave it unset",
+        )
+        check(
+            self.precision in PRECISIONS,
+            f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}",
         )
         check(self.device in DEVICES, f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         check(self.format in FORMATS, f"format: {self.format!r} is not one of {', '.join(FORMATS)}")

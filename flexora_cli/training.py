@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import get_scheduler, set_seed
 
 from flexora_cli.errors import TrainingError
@@ -16,14 +17,24 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Mean cross-entropy on the answer tokens (the context is labelled -100)."""
-    batch = {key: value.to(device) for key, value in batch.items()}
-    return model(**batch).loss
+def answer_loss_sum(
+    model: nn.Module, batch: dict, device: torch.device, keep_logits: bool = True
+) -> torch.Tensor:
+    """Summed cross-entropy over the answer tokens of a left-padded batch (batches.collate_left).
+
+    Only the logits of the answer positions are computed (`logits_to_keep`, where the model takes
+    it), which saves the LM head's matmul and memory over the context.
+    """
+    keep = batch["logits_to_keep"]
+    inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")}
+    if keep_logits:
+        inputs["logits_to_keep"] = keep
+    logits = model(**inputs, use_cache=False).logits[:, -keep:-1].float()
+    labels = batch["labels"][:, 1 - keep :].to(device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
 
 
-def check_finite(loss: torch.Tensor, stage: str, step: int) -> float:
-    value = float(loss.detach())
+def check_finite(value: float, stage: str, step: int) -> float:
     if not math.isfinite(value):
         raise TrainingError(
             f"{stage}: loss is {value} at step {step}; stopped (checkpoints of earlier steps are kept); "

@@ -270,7 +270,7 @@ def test_bad_input(name, demo_dir, tmp_path, monkeypatch, capsys):
 
         monkeypatch.setattr(os, "fsync", no_space)
     if case.prepare is _nan_at_step_3:
-        from flexora_cli.stages import search
+        from flexora_cli import engine
 
         calls = []
 
@@ -279,8 +279,8 @@ def test_bad_input(name, demo_dir, tmp_path, monkeypatch, capsys):
             loss = real_loss(*args)
             return loss * float("nan") if len(calls) >= 5 else loss
 
-        real_loss = search.answer_loss
-        monkeypatch.setattr(search, "answer_loss", nan_loss)
+        real_loss = engine.answer_loss_sum
+        monkeypatch.setattr(engine, "answer_loss_sum", nan_loss)
     fill = {"tmp": tmp_path, "run": tmp_path / "run", "demo": demo, "ppid": os.getppid()}
     args = [a.format(**fill) for a in case.args]
     command = (

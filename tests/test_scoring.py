@@ -38,7 +38,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def tiny(demo_dir):
     spec = ModelSettings(name_or_path=f"{demo_dir}/model", dtype="float32")
-    return load_tokenizer(spec), load_model(spec, torch.device("cpu"))
+    return load_tokenizer(spec), load_model(spec, torch.device("cpu"), "fp32")
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])

@@ -10,7 +10,7 @@ import random
 from collections.abc import Iterator
 
 import torch
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from flexora_cli.data.prompts import Prompt
 
@@ -68,27 +68,76 @@ def training_features(
     ]
 
 
-class Batches:
-    """Shuffled, padded training batches with a resumable position in a seeded order."""
+def label_tokens(row: dict) -> int:
+    """Answer tokens of one training row (the positions the loss is taken on)."""
+    return sum(1 for label in row["labels"] if label != -100)
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, features: list[dict], batch_size: int, seed: int):
+
+def collate_left(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded tensors of `rows`: answers end every row, so the loss needs only the logits of
+    the last `logits_to_keep` positions. Position ids count real tokens only."""
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    answer_span = 0
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, width - n :] = torch.tensor(row["input_ids"])
+        labels[i, width - n :] = torch.tensor(row["labels"])
+        attention_mask[i, width - n :] = 1
+        first_label = next(k for k, label in enumerate(row["labels"]) if label != -100)
+        answer_span = max(answer_span, n - first_label)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # The logit at position p predicts token p+1: the answer's tokens need one position more.
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "labels": labels,
+        "logits_to_keep": answer_span + 1,
+    }
+
+
+class Batches:
+    """Global training batches (lists of rows) in a seeded, resumable order.
+
+    With `group_by_length`, each window of 50 batches' worth of shuffled examples is sorted by
+    length before it is cut into batches, and the batches are then shuffled: batches hold
+    examples of similar length (little padding) in an order that is still random.
+    """
+
+    def __init__(self, features: list[dict], batch_size: int, seed: int, group_by_length: bool = True):
         self.features, self.batch_size, self.seed = features, batch_size, seed
-        self.collate = DataCollatorForSeq2Seq(
-            tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"
-        )
+        self.group_by_length = group_by_length
 
     def __len__(self) -> int:
         return -(-len(self.features) // self.batch_size)
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """The batches of one epoch in its seeded order, from batch `skip` on (to resume)."""
+    def order(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch` as lists of feature indices."""
+        rng = random.Random(self.seed + epoch)
         order = list(range(len(self.features)))
-        random.Random(self.seed + epoch).shuffle(order)
-        for start in range(skip * self.batch_size, len(order), self.batch_size):
-            chunk = [self.features[i] for i in order[start : start + self.batch_size]]
-            yield self.collate([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in chunk])
+        rng.shuffle(order)
+        if self.group_by_length:
+            window = 50 * self.batch_size
+            length = {i: len(self.features[i]["input_ids"]) for i in order}
+            order = [
+                i
+                for start in range(0, len(order), window)
+                for i in sorted(order[start : start + window], key=length.__getitem__)
+            ]
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if self.group_by_length:
+            rng.shuffle(batches)
+        return batches
 
-    def forever(self, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[list[dict]]:
+        """The batches of one epoch in its seeded order, from batch `skip` on (to resume)."""
+        for indices in self.order(epoch)[skip:]:
+            yield [self.features[i] for i in indices]
+
+    def forever(self, skip: int = 0) -> Iterator[list[dict]]:
         """Cycle through epochs (for the α step's validation batches), from batch `skip` on."""
         epoch, skip = divmod(skip, len(self))
         while True:

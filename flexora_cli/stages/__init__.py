@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 from omegaconf import DictConfig
 
 from flexora_cli import demo, report
 from flexora_cli.errors import FlexoraError
-from flexora_cli.rundir import RunDir
+from flexora_cli.rundir import RunDir, is_main_process
 from flexora_cli.settings import Settings, load
 
 
 def setup(cfg: DictConfig | Settings) -> tuple[Settings, RunDir]:
     """Typed, validated settings and the run directory; builds the demo assets when asked."""
     settings = load(cfg)
-    report.configure(settings.quiet)
+    report.configure(settings.quiet, main_process=is_main_process())
     if settings.demo_assets:
         demo.ensure_assets(settings.demo_assets)
     return settings, RunDir(settings.out_dir)
@@ -35,9 +36,18 @@ def locked(stage_run: Callable[[DictConfig | Settings], dict]) -> Callable[[Dict
         run_dir = RunDir(load(cfg).out_dir)
         with run_dir.lock():
             try:
-                return stage_run(cfg)
+                result = stage_run(cfg)
             except (FlexoraError, KeyboardInterrupt) as exc:
                 run_dir.mark_failed(exc)
                 raise
+        _wait_for_other_processes()  # the next stage reads what the main process just wrote
+        return result
 
     return run
+
+
+def _wait_for_other_processes() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()

@@ -3,7 +3,8 @@
 Setup loads every dataset first (bad data fails before the model loads), then the base model once
 with every adapter attached under its own name. The loop scores each dataset with each variant
 (the base with adapters disabled, then each adapter) by log-likelihood (scoring.py) and computes
-lm-eval's metrics. Save: eval/metrics.json (results[dataset][variant]: acc, acc_norm where
+lm-eval's metrics; with several processes the prompts are dealt among them and the scores
+gathered. Save: eval/metrics.json (results[dataset][variant]: acc, acc_norm where
 defined, their stderr, n) and eval/predictions.jsonl (per example: gold, each variant's prediction and scores).
 """
 
@@ -20,8 +21,9 @@ from peft import PeftModel
 from flexora_cli import report
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import Prompt, build_prompts
+from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError, ModelError
-from flexora_cli.modeling import load_model, load_tokenizer, resolve_device
+from flexora_cli.modeling import load_model, load_tokenizer
 from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import choice_metrics, score
 from flexora_cli.settings import Settings, dataset_settings
@@ -39,9 +41,9 @@ def run(cfg: DictConfig | Settings) -> dict:
         spec = dataset_settings(name, settings)
         examples = load_split(spec, spec.eval_split)[: settings.eval.limit]
         tasks[spec.name] = (spec.eval_split, build_prompts(examples, eval_format))
-    device = resolve_device(settings.device)
+    engine = Engine(settings)
     tokenizer = load_tokenizer(settings.model)
-    model = load_model(settings.model, device)
+    model = load_model(settings.model, engine.device, engine.precision)
     model = _attach_adapters(model, adapters, settings)
     run_dir.begin_stage("eval", settings)
 
@@ -55,7 +57,7 @@ def run(cfg: DictConfig | Settings) -> dict:
         for variant in variants:
             started = time.perf_counter()
             with _use_variant(model, variant):
-                scores = _score(model, tokenizer, prompts, settings, f"eval {dataset} {variant}")
+                scores = _score(model, tokenizer, prompts, settings, engine, f"eval {dataset} {variant}")
             metrics, examples = choice_metrics(scores, prompts)
             metrics["seconds"] = round(time.perf_counter() - started, 3)
             results[dataset][variant] = metrics
@@ -130,18 +132,31 @@ def _use_variant(model, variant: str):
         yield
 
 
-def _score(model, tokenizer, prompts: list[Prompt], settings: Settings, label: str) -> list[list[float]]:
-    with report.progress(label, len(prompts)) as bar:
+def _score(
+    model, tokenizer, prompts: list[Prompt], settings: Settings, engine: Engine, label: str
+) -> list[list[float]]:
+    """scores[prompt][choice]; with several processes each scores every num_processes-th prompt."""
+    rank, world = engine.process_index, engine.num_processes
+    mine = prompts[rank::world]
+    with report.progress(label, len(mine)) as bar:
 
         def advance(done_rows: int, total_rows: int) -> None:
-            bar.update(0, completed=len(prompts) * done_rows // total_rows)
+            bar.update(0, completed=len(mine) * done_rows // total_rows)
 
-        return score(
+        scores = score(
             model,
             tokenizer,
-            prompts,
+            mine,
             settings.eval.batch_size,
             settings.max_length,
             settings.eval.share_prefix,
             advance,
         )
+    if world == 1:
+        return scores
+    from accelerate.utils import gather_object
+
+    merged: list[list[float]] = [[] for _ in prompts]
+    for process, part in enumerate(gather_object([scores])):
+        merged[process::world] = part
+    return merged

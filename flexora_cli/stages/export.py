@@ -10,8 +10,9 @@ from omegaconf import DictConfig
 from peft import PeftModel
 
 from flexora_cli import report
+from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
-from flexora_cli.modeling import load_model, load_tokenizer, resolve_device
+from flexora_cli.modeling import load_model, load_tokenizer
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
 
@@ -25,15 +26,16 @@ def run(cfg: DictConfig | Settings) -> dict:
             "export merges into full-precision weights; set model.quantization=none "
             "(the adapter trained on the quantized base still applies)"
         )
-    tokenizer = load_tokenizer(settings.model)
-    model = load_model(settings.model, resolve_device(settings.device))
-    run_dir.begin_stage("export", settings)
-
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    with run_dir.atomic_dir(run_dir.export_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    run_dir.end_stage("export")
+    if run_dir.writes:  # one merge is enough: the other processes of a launch only wait
+        engine = Engine(settings)
+        tokenizer = load_tokenizer(settings.model)
+        model = load_model(settings.model, engine.device, engine.precision)
+        run_dir.begin_stage("export", settings)
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        with run_dir.atomic_dir(run_dir.export_dir) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        run_dir.end_stage("export")
     report.console.print(
         f"export: wrote {run_dir.export_dir} (adapter merged into {settings.model.name_or_path})"
     )

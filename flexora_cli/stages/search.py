@@ -22,21 +22,21 @@ from flexora_cli.checkpoint import Checkpoints, StopRequest
 from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import carve_validation, load_split
 from flexora_cli.data.prompts import build_prompts
+from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
-from flexora_cli.gates import LayerGates
+from flexora_cli.gates import GatedModel, LayerGates
 from flexora_cli.modeling import (
     attach_lora,
+    enable_gradient_checkpointing,
     get_layers,
     load_model,
     load_tokenizer,
     lora_params_per_layer,
-    resolve_device,
 )
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, planted_layers, setup
 from flexora_cli.training import (
     adamw_with_schedule,
-    answer_loss,
     check_finite,
     seed_everything,
     trainable_parameters,
@@ -47,7 +47,7 @@ from flexora_cli.training import (
 def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
     search = settings.search
-    device = resolve_device(settings.device)
+    engine = Engine(settings)
     seed_everything(settings.seed)
 
     # -- data: the budget for LoRA steps, a disjoint carve-out for α steps --------------------
@@ -63,28 +63,35 @@ def run(cfg: DictConfig | Settings) -> dict:
 
     def batches(subset: list, seed: int) -> Batches:
         features = training_features(tokenizer, build_prompts(subset, settings.format), settings.max_length)
-        return Batches(tokenizer, features, search.batch_size, seed)
+        return Batches(features, search.batch_size, seed, settings.group_by_length)
 
     train_batches = batches(train_pool[: search.budget], settings.seed)
     val_batches = batches(val_examples, settings.seed + 1)
 
-    # -- model: LoRA on every layer, one gate per layer ---------------------------------------
-    model = load_model(settings.model, device)
-    params_per_layer = lora_params_per_layer(model, settings.model, settings.lora)
-    peft_model = attach_lora(model, settings.model, settings.lora, layers=None)
+    # -- model: LoRA on every layer, one gate per layer, wrapped by accelerate (DDP/FSDP) -----
+    base = load_model(settings.model, engine.device, engine.precision)
+    params_per_layer = lora_params_per_layer(base, settings.model, settings.lora)
+    peft_model = attach_lora(base, settings.model, settings.lora, layers=None)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
     layers = get_layers(peft_model, settings.model.layers_path)
-    gates = LayerGates(len(layers)).to(device)
+    gates = LayerGates(len(layers)).to(engine.device)
     gates.attach(layers)
-    lora_params = trainable_parameters(peft_model)
+    gated = GatedModel(peft_model, gates)
     total_steps = search.epochs * len(train_batches)
     optimizer, schedule = adamw_with_schedule(
-        lora_params, search.lr, search.weight_decay, "cosine", search.warmup_ratio, total_steps
+        trainable_parameters(peft_model),
+        search.lr,
+        search.weight_decay,
+        "cosine",
+        search.warmup_ratio,
+        total_steps,
     )
     alpha_optimizer = torch.optim.Adam(gates.parameters(), lr=search.alpha_lr)
-    trained = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
-    trained["flexora.alpha_hat"] = gates.alpha_hat
-    optimizers = {"optimizer": optimizer, "scheduler": schedule, "alpha_optimizer": alpha_optimizer}
-    checkpoints = Checkpoints(run_dir, "search", settings, trained, optimizers)
+    trained = {name: p for name, p in gated.named_parameters() if p.requires_grad}
+    model, optimizer, alpha_optimizer = engine.prepare(gated, optimizer, alpha_optimizer)
+    stateful = {"optimizer": optimizer, "scheduler": schedule, "alpha_optimizer": alpha_optimizer}
+    checkpoints = Checkpoints(run_dir, "search", settings, trained, stateful | engine.scaler_state(), engine)
     step, history = checkpoints.resume()
     run_dir.begin_stage("search", settings)
 
@@ -92,38 +99,40 @@ def run(cfg: DictConfig | Settings) -> dict:
     started = time.time()
     first_epoch, offset = divmod(step, len(train_batches))
     val_stream = val_batches.forever(skip=step)
-    peft_model.train()
+    model.train()
     with report.progress("search", total_steps) as bar, StopRequest() as stop:
         bar.update(0, completed=step)
         for epoch in range(first_epoch, search.epochs):
-            for batch in train_batches.epoch(epoch, offset if epoch == first_epoch else 0):
+            for rows in train_batches.epoch(epoch, offset if epoch == first_epoch else 0):
                 step += 1
-                # 1. LoRA step, α fixed
-                train_loss = answer_loss(peft_model, batch, device)
-                train_value = check_finite(train_loss, "search", step)
-                train_loss.backward()
+                # 1. LoRA step on a training batch, α fixed
+                train = engine.forward_backward(model, rows, search.grad_accum, tokenizer.pad_token_id)
+                check_finite(train.loss, "search", step)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                gates.alpha_hat.grad = None
-                # 2. α step, θ fixed: only the gradient w.r.t. α̂ is computed
-                val_loss = answer_loss(peft_model, next(val_stream), device)
-                val_value = check_finite(val_loss, "search", step)
-                (gates.alpha_hat.grad,) = torch.autograd.grad(val_loss, [gates.alpha_hat])
+                alpha_optimizer.zero_grad(set_to_none=True)
+                # 2. α step on a validation batch, θ fixed. The backward is a full one (DDP
+                #    all-reduces every gradient); the LoRA gradients it leaves are dropped.
+                val = engine.forward_backward(
+                    model, next(val_stream), search.grad_accum, tokenizer.pad_token_id
+                )
+                check_finite(val.loss, "search", step)
                 alpha_optimizer.step()
                 alpha_optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
 
                 if step % search.log_every == 0 or step == total_steps:
                     history.append(
                         {
                             "step": step,
-                            "train_loss": train_value,
-                            "val_loss": val_value,
+                            "train_loss": train.loss,
+                            "val_loss": val.loss,
                             "alpha": [round(a, 6) for a in gates.alpha_hat.tolist()],
                         }
                     )
                 top = ",".join(str(i) for i in gates.ranking()[:3])
-                bar.update(0, advance=1, info=f"loss {train_value:.3f} val {val_value:.3f} top {top}")
+                bar.update(0, advance=1, info=f"loss {train.loss:.3f} val {val.loss:.3f} top {top}")
                 checkpoints.after_step(step, history, stop)
 
     # -- save ---------------------------------------------------------------------------------
@@ -137,14 +146,22 @@ def run(cfg: DictConfig | Settings) -> dict:
         "lora_params_per_layer": params_per_layer,
         "steps": total_steps,
         "seconds": round(time.time() - started, 2),
+        "padding_waste": round(engine.padding_waste(), 4),
+        "num_processes": engine.num_processes,
+        "precision": engine.precision,
         "history": history,
     }
     run_dir.write_json(run_dir.alpha_json, result)
-    run_dir.save_figure(run_dir.alpha_png, report.plot_alpha(alpha, history))
-    run_dir.save_figure(run_dir.search_loss_png, report.plot_losses(history, ("train_loss", "val_loss")))
+    run_dir.save_figure(run_dir.alpha_png, lambda: report.plot_alpha(alpha, history))
+    run_dir.save_figure(
+        run_dir.search_loss_png, lambda: report.plot_losses(history, ("train_loss", "val_loss"))
+    )
     run_dir.end_stage("search", steps=total_steps)
     checkpoints.clear()
 
     report.console.print(report.alpha_table(alpha, result["ranking"], planted=planted_layers(settings)))
-    report.console.print(f"search: wrote {run_dir.alpha_json}")
+    report.console.print(
+        f"search: {total_steps} steps on {engine.num_processes} process(es), {engine.precision}, "
+        f"padding {result['padding_waste']:.0%} of tokens; wrote {run_dir.alpha_json}"
+    )
     return result

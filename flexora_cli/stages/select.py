@@ -94,7 +94,9 @@ def run(cfg: DictConfig | Settings) -> dict:
     }
     run_dir.write_json(run_dir.selection_json, result)
     if alpha is not None:  # the ranking again, with the chosen layers marked
-        run_dir.save_figure(run_dir.selection_png, report.plot_alpha(alpha, searched["history"], layers))
+        run_dir.save_figure(
+            run_dir.selection_png, lambda: report.plot_alpha(alpha, searched["history"], layers)
+        )
     run_dir.end_stage("select", layers=layers)
 
     if alpha is not None:

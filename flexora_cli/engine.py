@@ -1,0 +1,154 @@
+"""accelerate under every stage: the device, mixed precision, the processes, and one training step.
+
+The same command runs as one process (`flexora search ...`) or as many
+(`accelerate launch --num_processes 8 -m flexora_cli search ...`, DDP; FSDP with an accelerate
+config, docs/distributed.md). Batch sizes are global: a step's examples are sorted by length and
+dealt to num_processes × grad_accum micro-batches, and each micro-batch's summed loss is divided
+by the answer tokens of the whole step. DDP then averages gradients, so 1 process and 8 take the
+same step (to float rounding), and a checkpoint resumes under any process count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flexora_cli.data.batches import collate_left, label_tokens
+from flexora_cli.modeling import accepts_logits_to_keep, resolve_device, resolve_precision
+from flexora_cli.settings import Settings
+from flexora_cli.training import answer_loss_sum
+
+_ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass
+class StepResult:
+    """What one forward/backward over a global batch measured (identical on every process)."""
+
+    loss: float
+    """Mean cross-entropy per answer token over the whole global batch."""
+    tokens: int
+    """Answer tokens in the global batch."""
+
+
+@dataclass
+class PaddingMeter:
+    """Real and padded token slots of this process's micro-batches (padding waste = 1 − real/slots)."""
+
+    real: int = 0
+    slots: int = 0
+
+    def add(self, attention_mask: torch.Tensor) -> None:
+        self.real += int(attention_mask.sum())
+        self.slots += attention_mask.numel()
+
+
+class Engine:
+    """accelerate's Accelerator plus what the stages ask of it: device, processes, steps."""
+
+    def __init__(self, settings: Settings):
+        from accelerate import Accelerator
+
+        wanted = resolve_device(settings.device)
+        self.precision = resolve_precision(settings.precision, wanted)
+        self.accelerator = Accelerator(
+            mixed_precision=_ACCELERATE_PRECISION[self.precision], cpu=wanted.type == "cpu"
+        )
+        self.padding = PaddingMeter()
+        self.keeps_logits = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def process_index(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def prepare(self, model: nn.Module, *optimizers: torch.optim.Optimizer):
+        """DDP/FSDP-wrap the model and make the optimizers loss-scaling aware (fp16).
+
+        Schedulers stay unprepared: steps here are global, so they advance once per step.
+        """
+        self.keeps_logits = accepts_logits_to_keep(model)
+        return self.accelerator.prepare(model, *optimizers)
+
+    def scaler_state(self) -> dict:
+        """The fp16 loss scaler, for checkpoints ({} when there is none)."""
+        return {"scaler": self.accelerator.scaler} if self.accelerator.scaler is not None else {}
+
+    def forward_backward(
+        self, model: nn.Module, rows: list[dict], grad_accum: int, pad_id: int
+    ) -> StepResult:
+        """Forward and backward over this process's share of the global batch `rows`.
+
+        Gradients accumulate in .grad, equal to those of the mean loss per answer token over all
+        of `rows` (after DDP's all-reduce); the caller steps and zeroes the optimizers.
+        """
+        total_tokens = sum(label_tokens(row) for row in rows)
+        micro_batches = self._my_micro_batches(rows, grad_accum)
+        # DDP averages over processes, so each process's sum is scaled up by their number.
+        scale = self.num_processes / total_tokens
+        loss_sum = torch.zeros((), device=self.device)
+        for index, (micro, weight) in enumerate(micro_batches):
+            batch = collate_left(micro, pad_id)
+            if weight:
+                self.padding.add(batch["attention_mask"])
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync:
+                summed = answer_loss_sum(model, batch, self.device, self.keeps_logits) * weight
+                self.accelerator.backward(summed * scale)
+            loss_sum += summed.detach().float()
+        global_sum = (
+            self.accelerator.reduce(loss_sum, reduction="sum") if self.num_processes > 1 else loss_sum
+        )
+        return StepResult(loss=float(global_sum) / total_tokens, tokens=total_tokens)
+
+    def _my_micro_batches(self, rows: list[dict], grad_accum: int) -> list[tuple[list[dict], float]]:
+        """This process's grad_accum micro-batches of `rows`, as (rows, weight).
+
+        Rows are sorted by length and dealt in contiguous runs, so each micro-batch pads little.
+        A micro-batch left empty (fewer rows than micro-batches) runs one row at weight 0, because
+        every process must take part in every backward.
+        """
+        ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
+        parts = self.num_processes * grad_accum
+        bounds = [len(ordered) * i // parts for i in range(parts + 1)]
+        mine = range(self.process_index * grad_accum, (self.process_index + 1) * grad_accum)
+        return [
+            (ordered[bounds[i] : bounds[i + 1]], 1.0) if bounds[i + 1] > bounds[i] else (ordered[:1], 0.0)
+            for i in mine
+        ]
+
+    def padding_waste(self) -> float:
+        """Share of token slots that were padding, over every process's micro-batches so far."""
+        counts = torch.tensor([self.padding.real, self.padding.slots], device=self.device)
+        if self.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        real, slots = counts.tolist()
+        return 1.0 - real / slots if slots else 0.0
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when `flag` is true on any (e.g. a stop signal reached one)."""
+        if self.num_processes == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def wait_for_everyone(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
