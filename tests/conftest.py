@@ -19,6 +19,15 @@ def compose_config(*overrides: str) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; a command sets it once, tests set it many times."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> str:
     """The bundled demo's assets (tiny Llama model + planted-teacher data), built once per session."""

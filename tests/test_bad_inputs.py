@@ -226,6 +226,15 @@ CASES = {
         ["model.quantization=4bit"],
         "model.quantization=4bit needs a CUDA GPU (bitsandbytes); use model.quantization=none on cpu",
     ),
+    "fp16 without a GPU": Case(
+        ["precision=fp16"],
+        "precision=fp16 needs a CUDA GPU; use precision=fp32 (or bf16) on CPU",
+    ),
+    "unknown precision and zero accumulation": Case(
+        ["precision=fp8", "search.grad_accum=0"],
+        "invalid settings: search.grad_accum: must be > 0, got 0; precision: 'fp8' is not one of auto, fp32, "
+        "bf16, fp16",
+    ),
     "unsupported dtype on the device": Case(
         ["model.dtype=float16"],
         "model.dtype=float16 is not supported for training on CPU; use float32 or bfloat16",

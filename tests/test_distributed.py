@@ -1,0 +1,88 @@
+"""Two processes under `accelerate launch` (DDP over gloo, on CPU) take the same steps as one.
+
+accelerate's `--cpu` launches several processes only through mpirun, so the test uses its
+torchrun launcher (`--multi_gpu`) with device=cpu: the same DDP code path, over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from flexora_cli import cli
+from tests.test_checkpoint import _wait_for
+
+LAUNCH = [
+    *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
+    *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+    *("-m", "flexora_cli.cli"),
+]
+
+
+def quick(demo_dir: str, out: Path) -> list[str]:
+    return [
+        "recipe=demo",
+        f"demo_assets={demo_dir}",
+        f"out_dir={out}",
+        "search.budget=256",
+        "search.val_samples=64",
+        "finetune.epochs=0.5",
+        "dataset.max_train_samples=128",
+        "eval.limit=40",
+        "quiet=true",
+    ]
+
+
+def alpha(out: Path) -> list[float]:
+    return json.loads((out / "search" / "alpha.json").read_text())["alpha"]
+
+
+def test_two_processes_run_every_stage_like_one(demo_dir, tmp_path):
+    two = subprocess.run([*LAUNCH, "run", *quick(demo_dir, tmp_path / "two")], capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert cli.main(["run", *quick(demo_dir, tmp_path / "one")]) == 0
+
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    assert json.loads((two_dir / "search" / "alpha.json").read_text())["num_processes"] == 2
+    torch.testing.assert_close(torch.tensor(alpha(two_dir)), torch.tensor(alpha(one_dir)), rtol=0, atol=1e-6)
+    selections = [
+        json.loads((d / "select" / "selection.json").read_text())["layers"] for d in (one_dir, two_dir)
+    ]
+    assert selections[0] == selections[1]
+    adapters = [
+        load_file(str(d / "finetune" / "adapter" / "adapter_model.safetensors")) for d in (one_dir, two_dir)
+    ]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-4, atol=1e-6)
+    metrics = [json.loads((d / "eval" / "metrics.json").read_text())["results"] for d in (one_dir, two_dir)]
+    assert metrics[0]["demo"]["adapter"]["n"] == metrics[1]["demo"]["adapter"]["n"] == 40
+    assert metrics[0]["demo"]["adapter"]["acc"] == metrics[1]["demo"]["adapter"]["acc"]
+    assert not list(two_dir.rglob("*.tmp")) and not (two_dir / ".lock").exists()
+
+
+def test_search_stopped_on_two_processes_resumes_on_one(demo_dir, tmp_path, capsys):
+    args = [*quick(demo_dir, tmp_path / "two"), "search.batch_size=4", "checkpoint_every=4"]
+    launch = subprocess.Popen(
+        [*LAUNCH, "search", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for("search/checkpoints/step-*", tmp_path / "two", launch)
+    launch.send_signal(signal.SIGTERM)  # the launcher passes it to both workers
+    launch.communicate()
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["stages"]["search"]["status"] == "interrupted"
+
+    assert cli.main(["search", *args]) == 0  # resumed by one process
+    assert "resuming from" in capsys.readouterr().err
+    reference = [*quick(demo_dir, tmp_path / "one"), "search.batch_size=4", "checkpoint_every=4"]
+    assert cli.main(["search", *reference]) == 0
+    assert json.loads((tmp_path / "two" / "search" / "alpha.json").read_text())["steps"] == 64
+    torch.testing.assert_close(
+        torch.tensor(alpha(tmp_path / "two")), torch.tensor(alpha(tmp_path / "one")), rtol=0, atol=1e-6
+    )
