@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 
-.PHONY: demo test test-all lint format install clean parity
+.PHONY: demo test test-all lint format install clean parity bench
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
@@ -26,6 +26,10 @@ test-all: $(STAMP)
 parity: $(STAMP)
 	$(PIP) install -q -e ".[dev,lmeval]"
 	$(PYTHON) scripts/compare_lmeval.py
+
+# Training step time and memory against plain LoRA and PEFT + Trainer (docs/benchmarks.md).
+bench: $(STAMP)
+	$(PYTHON) scripts/bench_train.py
 
 lint: $(STAMP)
 	ruff check flexora_cli tests scripts

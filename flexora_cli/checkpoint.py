@@ -88,6 +88,12 @@ class Checkpoints:
 
         if self.settings.force:
             self.clear()
+        if self.engine is not None and self.engine.shards_parameters:
+            report.console.print(
+                f"warning: {self.stage}: no mid-stage checkpoints under FSDP yet (parameters are "
+                f"sharded); an interrupted stage starts over"
+            )
+            return 0, []
         latest = self.latest()
         if latest is None:
             return 0, []
@@ -110,6 +116,10 @@ class Checkpoints:
         requested = stop.signal is not None
         if self.engine is not None:
             requested = self.engine.any_process(requested)
+            if self.engine.shards_parameters:
+                if requested:
+                    raise Interrupted(f"{self.stage}: stopped after step {step} (no checkpoint under FSDP)")
+                return
         if step % self.settings.checkpoint_every and not requested:
             return
         saved = self.save(step, {"history": history, **{n: o.state_dict() for n, o in self.stateful.items()}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from flexora_cli import __version__
 from flexora_cli.errors import ConfigError, FlexoraError
@@ -26,6 +27,7 @@ STAGES = {
         "base vs LoRA (all layers) vs Flexora vs random layers, one table",
     ),
     "export": ("flexora_cli.stages.export", "merge the adapter into the base: a plain transformers model"),
+    "summary": ("flexora_cli.stages.summary", "one table for a sweep: `flexora summary DIR`"),
 }
 # Hydra flags that point at other config sources (they take a value).
 _CONFIG_SOURCE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
@@ -63,6 +65,8 @@ def usage() -> str:
         "  flexora run recipe=llama3_piqa select.layers=all out_dir=runs/lora_all",
         "  flexora eval recipe=llama3_piqa format=completion dataset=[piqa,hellaswag]",
         "  flexora eval recipe=llama3_piqa adapters=[runs/a,runs/b] --cfg job",
+        "  flexora compare recipe=llama3_piqa dataset=[piqa,hellaswag]",
+        "  flexora run -m recipe=llama3_piqa lora=r4,r8,r16 && flexora summary runs/llama3_piqa",
         "",
         "`flexora <stage> --help` shows the config groups and options.",
     ]
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"unknown stage '{stage}'; use one of: {', '.join(STAGES)} (see `flexora --help`)"
             )
+        if stage == "summary":
+            return _summary(args, debug)
         args = expand_shorthands(stage, args)
         if not _HYDRA_OWNED.intersection(args):
             precheck(_overrides(args))
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def expand_shorthands(stage: str, args: list[str]) -> list[str]:
-    """`adapters=[..]` → eval.adapters; `dataset=[a,b]` (eval only) → dataset=a eval.datasets=[a,b].
+    """`adapters=[..]` → eval.adapters; `dataset=[a,b]` → dataset=a and eval.datasets=[a,b] (eval)
+    or compare.datasets=[a,b] (compare).
 
     Hydra would merge a list of dataset configs into one node, silently mixing their fields.
     """
@@ -105,15 +112,15 @@ def expand_shorthands(stage: str, args: list[str]) -> list[str]:
         if key == "adapters":
             expanded.append(f"eval.adapters={value}")
         elif key == "dataset" and value.startswith("["):
-            if stage != "eval":
+            if stage not in ("eval", "compare"):
                 raise ConfigError(
-                    f"{arg}: several datasets work with `flexora eval` only; "
+                    f"{arg}: several datasets work with `flexora eval` and `flexora compare` only; "
                     f"train one run per dataset (`flexora {stage} -m dataset=a,b`)"
                 )
             names = [n.strip() for n in value.strip("[]").split(",") if n.strip()]
             if not names:
                 raise ConfigError(f"{arg}: empty list; name at least one dataset")
-            expanded += [f"dataset={names[0]}", f"eval.datasets=[{','.join(names)}]"]
+            expanded += [f"dataset={names[0]}", f"{stage}.datasets=[{','.join(names)}]"]
         else:
             expanded.append(arg)
     return expanded
@@ -147,9 +154,13 @@ def _run_hydra(stage: str, args: list[str], debug: bool) -> int:
 
     module = importlib.import_module(STAGES[stage][0])
 
+    swept = _swept_keys(args)
+
     @hydra.main(version_base="1.3", config_path=str(recipes_dir()), config_name="config")
     def task(cfg: DictConfig) -> None:
         try:
+            if swept:  # `-m`: each job gets its own run directory, named by its swept values
+                cfg.out_dir = _job_dir(cfg.out_dir, swept)
             result = module.run(cfg)
             if cfg.get("print_json"):  # the stage's result on stdout, for pipelines (`| jq .layers`)
                 print(json.dumps(result, default=str))
@@ -170,6 +181,46 @@ def _run_hydra(stage: str, args: list[str], debug: bool) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def _summary(args: list[str], debug: bool) -> int:
+    """`flexora summary DIR [print_json=true]`: no config to compose, just a folder to read."""
+    from flexora_cli.stages import summary
+
+    folders = [a for a in args if "=" not in a and not a.startswith("-")]
+    try:
+        if len(folders) != 1:
+            raise ConfigError("usage: flexora summary DIR (the folder holding a sweep's run directories)")
+        result = summary.run(folders[0])
+    except FlexoraError as exc:
+        if debug:
+            raise
+        return _fail(exc)
+    if any(a.lower() in ("print_json=true", "print_json=1") for a in args):
+        print(json.dumps(result, default=str))
+    return 0
+
+
+def _swept_keys(args: list[str]) -> list[str]:
+    """Keys a multirun sweeps (`key=a,b`, `key=range(..)`, `key=choice(..)`); [] without -m."""
+    if not {"-m", "--multirun"}.intersection(args):
+        return []
+    keys = []
+    for arg in _overrides(args):
+        key, _, value = arg.partition("=")
+        bare = value.split("[")[0]  # a list value `[a,b]` is one value, not a sweep
+        if "," in bare or value.startswith(("range(", "choice(", "glob(")):
+            keys.append(key.lstrip("+~"))
+    return keys
+
+
+def _job_dir(out_dir: str, swept: list[str]) -> str:
+    """out_dir/key=value,key=value for this multirun job (its overrides of the swept keys)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    values = dict(o.split("=", 1) for o in HydraConfig.get().overrides.task if "=" in o)
+    name = ",".join(f"{key}={values[key]}" for key in swept if key in values)
+    return str(Path(out_dir) / (name.replace("/", "_") or f"job{HydraConfig.get().job.num}"))
 
 
 def _overrides(args: list[str]) -> list[str]:

@@ -11,17 +11,43 @@ same step (to float rounding), and a checkpoint resumes under any process count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from flexora_cli.data.batches import collate_left, label_tokens
+from flexora_cli.errors import ConfigError
 from flexora_cli.modeling import accepts_logits_to_keep, resolve_device, resolve_precision
 from flexora_cli.settings import Settings
 from flexora_cli.training import answer_loss_sum
 
 _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def resolve_tracker(tracker: str) -> str | None:
+    """accelerate's tracker name for `tracker` (auto: tensorboard when installed), or None."""
+    installed = {name: importlib.util.find_spec(name) is not None for name in ("tensorboard", "wandb")}
+    if tracker == "auto":
+        return "tensorboard" if installed["tensorboard"] else None
+    if tracker != "none" and not installed[tracker]:
+        raise ConfigError(
+            f"tracker={tracker} needs the {tracker} package; pip install {tracker}, or tracker=none"
+        )
+    return None if tracker == "none" else tracker
+
+
+def _flat_scalars(node: object, prefix: str = "") -> dict:
+    """Nested settings as `a.b: value` with lists and None as text (what TensorBoard's hparams take)."""
+    if isinstance(node, dict):
+        return {
+            k: v for key, value in node.items() for k, v in _flat_scalars(value, f"{prefix}{key}.").items()
+        }
+    scalar = node if isinstance(node, (int, float, str, bool)) else str(node)
+    return {prefix.rstrip("."): scalar}
 
 
 @dataclass
@@ -54,8 +80,12 @@ class Engine:
 
         wanted = resolve_device(settings.device)
         self.precision = resolve_precision(settings.precision, wanted)
+        self.tracker = resolve_tracker(settings.tracker)
         self.accelerator = Accelerator(
-            mixed_precision=_ACCELERATE_PRECISION[self.precision], cpu=wanted.type == "cpu"
+            mixed_precision=_ACCELERATE_PRECISION[self.precision],
+            cpu=wanted.type == "cpu",
+            log_with=self.tracker,
+            project_dir=str(Path(settings.out_dir) / "logs"),
         )
         self.padding = PaddingMeter()
         self.keeps_logits = True
@@ -75,6 +105,17 @@ class Engine:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def shards_parameters(self) -> bool:
+        """True under FSDP: a process holds a shard of each parameter, not the whole."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The wrapped model's whole state dict (gathered from the shards under FSDP)."""
+        return self.accelerator.get_state_dict(model)
 
     def prepare(self, model: nn.Module, *optimizers: torch.optim.Optimizer):
         """DDP/FSDP-wrap the model and make the optimizers loss-scaling aware (fp16).
@@ -146,6 +187,21 @@ class Engine:
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    # -- experiment tracking (accelerate's trackers; the main process logs) ---------------------
+    def start_tracking(self, stage: str, settings: Settings) -> None:
+        """Open the tracker's run for `stage` (TensorBoard: out_dir/logs/<stage>/) with the settings."""
+        if self.tracker:
+            self.accelerator.init_trackers(stage, config=_flat_scalars(dataclasses.asdict(settings)))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.tracker:
+            self.accelerator.log(values, step=step)
+
+    def end_tracking(self) -> None:
+        # Not Accelerator.end_training(): that also ends the process group the next stage needs.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
     def wait_for_everyone(self) -> None:
         self.accelerator.wait_for_everyone()

@@ -18,6 +18,9 @@ from torch import nn
 from flexora_cli.errors import ConfigError, ModelError
 from flexora_cli.settings import LoraSettings, ModelSettings
 
+# peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` on every wrap and load.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -157,18 +160,23 @@ def lora_config(spec: ModelSettings, lora: LoraSettings, layers: list[int] | Non
 
 
 def attach_lora(
-    model: nn.Module, spec: ModelSettings, lora: LoraSettings, layers: list[int] | None
+    model: nn.Module,
+    spec: ModelSettings,
+    lora: LoraSettings,
+    layers: list[int] | None,
+    gradient_checkpointing: bool = False,
 ) -> PeftModel:
-    """Wrap `model` with fresh LoRA adapters on the target modules of `layers` only."""
+    """Wrap `model` with fresh LoRA adapters on the target modules of `layers` only (None: all),
+    then turn on gradient checkpointing if asked (after peft, see enable_gradient_checkpointing)."""
     try:
-        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            peft_model = get_peft_model(model, lora_config(spec, lora, layers))
+        peft_model = get_peft_model(model, lora_config(spec, lora, layers))
     except ValueError as exc:
         raise ModelError(
             f"cannot attach LoRA to {list(spec.target_modules)}: {str(exc).splitlines()[0]}; "
             f"set model.target_modules to linear modules of this model"
         ) from exc
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
     return peft_model
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+from rich.panel import Panel
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -100,6 +102,12 @@ def alpha_table(
             row.append("✓" if layer in planted else "")
         table.add_row(*row)
     return table
+
+
+def stage_panel(stage: str, facts: list[str], files: list[Path]) -> Panel:
+    """The closing summary of a stage: what it did, and where its files are."""
+    lines = [escape(fact) for fact in facts] + [""] + [f"[cyan]{escape(str(f))}" for f in files if f.exists()]
+    return Panel("\n".join(lines).rstrip(), title=f"[bold]{stage} done", title_align="left", expand=False)
 
 
 def metrics_table(summary: dict) -> Table:

@@ -62,9 +62,10 @@ class RunDir:
     context managers hand out a throwaway temp location.
     """
 
-    def __init__(self, out_dir: str | os.PathLike):
+    def __init__(self, out_dir: str | os.PathLike, plots: bool = True):
         self.root = Path(out_dir)
         self.writes = is_main_process()
+        self.plots = plots
 
     # -- layout -------------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -221,10 +222,10 @@ class RunDir:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def save_figure(self, path: Path, make_figure: Callable[[], Any]) -> Path:
-        """Draw a matplotlib figure (main process only), save it as PNG atomically, release it."""
+        """Draw a matplotlib figure (main process, plots=true), save it as PNG atomically, release it."""
         import matplotlib.pyplot as plt
 
-        if not self.writes:
+        if not (self.writes and self.plots):
             return path
         figure = make_figure()
         with self.atomic_file(path) as tmp:

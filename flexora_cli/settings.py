@@ -23,6 +23,7 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("mcq", "completion")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRACKERS = ("auto", "none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -176,6 +177,9 @@ class CompareSettings:
 
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """One random-layers variant per seed, with as many layers as Flexora selected."""
+    datasets: list[str] | None = None
+    """Dataset configs to compare on, each in out_dir/<dataset>/; None: the run's dataset.
+    `flexora compare dataset=[piqa,hellaswag]` sets this."""
 
 
 @dataclass
@@ -218,6 +222,11 @@ class Settings:
     """Redo stages even when complete (`flexora run`) and discard mid-stage checkpoints."""
     quiet: bool = False
     """Plain one-line progress for logs instead of progress bars (also when stderr is not a terminal)."""
+    plots: bool = True
+    """Write search/alpha.png, search/loss.png, select/alpha.png and finetune/loss.png."""
+    tracker: str = "auto"
+    """Experiment tracking through accelerate: none, tensorboard (logs in out_dir/logs), wandb, or
+    auto (tensorboard when installed, else none)."""
     print_json: bool = False
     """Print the stage's result as one JSON object on stdout (everything else goes to stderr)."""
     checkpoint_every: int = 100
@@ -310,6 +319,7 @@ class Settings:
             self.precision in PRECISIONS,
             f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}",
         )
+        check(self.tracker in TRACKERS, f"tracker: {self.tracker!r} is not one of {', '.join(TRACKERS)}")
         check(self.device in DEVICES, f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         check(self.format in FORMATS, f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
         check(self.max_length > 8, f"max_length: must be > 8, got {self.max_length}")

@@ -128,7 +128,7 @@ CASES = {
     ),
     "dataset list outside eval": Case(
         ["dataset=[piqa,hellaswag]"],
-        "dataset=[piqa,hellaswag]: several datasets work with `flexora eval` only",
+        "dataset=[piqa,hellaswag]: several datasets work with `flexora eval` and `flexora compare` only",
     ),
     "missing data file": Case(
         ["dataset.data_dir={tmp}/nowhere"],
@@ -226,6 +226,10 @@ CASES = {
         ["model.quantization=4bit"],
         "model.quantization=4bit needs a CUDA GPU (bitsandbytes); use model.quantization=none on cpu",
     ),
+    "tracker not installed": Case(
+        ["tracker=wandb"],
+        "tracker=wandb needs the wandb package; pip install wandb, or tracker=none",
+    ),
     "fp16 without a GPU": Case(
         ["precision=fp16"],
         "precision=fp16 needs a CUDA GPU; use precision=fp32 (or bf16) on CPU",
@@ -321,7 +325,8 @@ def test_bad_input(name, demo_dir, tmp_path, monkeypatch, capsys):
     after = _tree(tmp_path)
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
     log = {"run/manifest.json", f"run/{case.stage}/config.yaml"} if case.exit_code == 1 else set()
-    kept = {k for k in changed if k.startswith(f"run/{case.stage}/checkpoints/")}  # earlier good steps
+    # earlier good steps, and the tracker's log of them
+    kept = {k for k in changed if k.startswith((f"run/{case.stage}/checkpoints/", f"run/logs/{case.stage}/"))}
     assert changed - kept <= log, changed
     if "run/manifest.json" in changed:  # the failed stage is recorded as such, with its error
         entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"][case.stage]

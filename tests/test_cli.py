@@ -70,12 +70,26 @@ def test_dataset_and_adapter_lists_expand_for_eval():
         "seed=1",
     ]
     assert expand_shorthands("search", ["dataset=piqa"]) == ["dataset=piqa"]
+    assert expand_shorthands("compare", ["dataset=[piqa,race_high]"]) == [
+        "dataset=piqa",
+        "compare.datasets=[piqa,race_high]",
+    ]
+
+
+def test_swept_keys_name_each_multirun_job():
+    from flexora_cli.cli import _swept_keys
+
+    args = ["-m", "recipe=demo", "lora=r4,r8", "seed=range(1,3)", "eval.datasets=[a,b]", "search=budget_1k"]
+    assert _swept_keys(args) == ["lora", "seed"]
+    assert _swept_keys(["recipe=demo", "lora=r4,r8"]) == []  # not a multirun
 
 
 def test_dataset_list_outside_eval_is_one_clear_error(capsys):
     assert main(["search", "recipe=demo", "dataset=[piqa,hellaswag]"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: dataset=[piqa,hellaswag]: several datasets work with `flexora eval` only")
+    assert err.startswith(
+        "error: dataset=[piqa,hellaswag]: several datasets work with `flexora eval` and `flexora compare` only"
+    )
     assert len(err.splitlines()) == 1
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -86,3 +87,18 @@ def test_search_stopped_on_two_processes_resumes_on_one(demo_dir, tmp_path, caps
     torch.testing.assert_close(
         torch.tensor(alpha(tmp_path / "two")), torch.tensor(alpha(tmp_path / "one")), rtol=0, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_documented_accelerate_configs_load(name):
+    """The configs docs/distributed.md points to parse as accelerate configs (FSDP itself needs GPUs)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from transformers.models.llama import modeling_llama
+
+    config = ClusterConfig.from_yaml_file(
+        str(Path(__file__).parents[1] / "docs" / "accelerate" / f"{name}.yaml")
+    )
+    assert config.num_processes == 8 and config.mixed_precision == "bf16"
+    if name == "fsdp":
+        assert hasattr(modeling_llama, config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+        assert config.fsdp_config["fsdp_use_orig_params"] is True

@@ -20,7 +20,7 @@ def setup(cfg: DictConfig | Settings) -> tuple[Settings, RunDir]:
     report.configure(settings.quiet, main_process=is_main_process())
     if settings.demo_assets:
         demo.ensure_assets(settings.demo_assets)
-    return settings, RunDir(settings.out_dir)
+    return settings, RunDir(settings.out_dir, plots=settings.plots)
 
 
 def planted_layers(settings: Settings) -> list[int] | None:

@@ -79,7 +79,8 @@ def run(cfg: DictConfig | Settings) -> dict:
     run_dir.write_json(run_dir.metrics_json, summary)
     run_dir.end_stage("eval", **{f"{d}/{v}_acc": results[d][v]["acc"] for d in results for v in variants})
     report.console.print(report.metrics_table(summary))
-    report.console.print(f"eval: wrote {run_dir.metrics_json}")
+    facts = [f"{len(tasks)} dataset(s) × {len(variants)} variant(s), {eval_format} format"]
+    report.console.print(report.stage_panel("eval", facts, [run_dir.metrics_json, run_dir.predictions_jsonl]))
     return summary
 
 

@@ -36,7 +36,6 @@ def run(cfg: DictConfig | Settings) -> dict:
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         run_dir.end_stage("export")
-    report.console.print(
-        f"export: wrote {run_dir.export_dir} (adapter merged into {settings.model.name_or_path})"
-    )
+    facts = [f"adapter merged into {settings.model.name_or_path}; loads with AutoModelForCausalLM, no peft"]
+    report.console.print(report.stage_panel("export", facts, [run_dir.export_dir]))
     return {"model_dir": str(run_dir.export_dir), "base": settings.model.name_or_path}

@@ -20,7 +20,7 @@ from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.engine import Engine
-from flexora_cli.modeling import attach_lora, enable_gradient_checkpointing, load_model, load_tokenizer
+from flexora_cli.modeling import attach_lora, load_model, load_tokenizer
 from flexora_cli.rundir import read_json
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
@@ -49,9 +49,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     batches = Batches(features, spec.batch_size, settings.seed, settings.group_by_length)
 
     base = load_model(settings.model, engine.device, engine.precision)
-    peft_model = attach_lora(base, settings.model, settings.lora, layers)
-    if settings.gradient_checkpointing:
-        enable_gradient_checkpointing(peft_model)
+    peft_model = attach_lora(base, settings.model, settings.lora, layers, settings.gradient_checkpointing)
     params = trainable_parameters(peft_model)
     total_steps = max(1, math.ceil(spec.epochs * len(batches)))
     optimizer, schedule = adamw_with_schedule(
@@ -63,6 +61,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     checkpoints = Checkpoints(run_dir, "finetune", settings, trained, stateful, engine)
     step, history = checkpoints.resume()
     run_dir.begin_stage("finetune", settings)
+    engine.start_tracking("finetune", settings)
 
     # -- loop: one optimizer step per global batch ---------------------------------------------
     started, tokens = time.time(), 0
@@ -80,15 +79,18 @@ def run(cfg: DictConfig | Settings) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 tokens += sum(len(row["input_ids"]) for row in rows)
                 if step % spec.log_every == 0 or step == total_steps:
-                    history.append({"step": step, "train_loss": result.loss, "lr": schedule.get_last_lr()[0]})
+                    lr = schedule.get_last_lr()[0]
+                    history.append({"step": step, "train_loss": result.loss, "lr": lr})
+                    engine.log({"loss/train": result.loss, "lr": lr}, step)
                 bar.update(0, advance=1, info=f"loss {result.loss:.3f}")
                 checkpoints.after_step(step, history, stop)
                 if step >= total_steps:
                     break
             epoch, offset = epoch + 1, 0
 
+    state = engine.full_state_dict(model)  # every process takes part in the gather (FSDP)
     with run_dir.atomic_dir(run_dir.adapter_dir) as tmp:
-        engine.unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        engine.unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
     seconds = time.time() - started
     result = {
         "layers": layers,
@@ -107,9 +109,17 @@ def run(cfg: DictConfig | Settings) -> dict:
         run_dir.save_figure(run_dir.finetune_loss_png, lambda: report.plot_losses(history, ("train_loss",)))
     run_dir.end_stage("finetune", steps=total_steps)
     checkpoints.clear()
-    report.console.print(
-        f"finetune: LoRA on layers {layers} ({result['trainable_params']:,} parameters), {total_steps} steps "
-        f"on {engine.num_processes} process(es), {engine.precision}, padding {result['padding_waste']:.0%} "
-        f"of tokens; wrote {run_dir.adapter_dir}"
-    )
+    engine.end_tracking()
+    facts = [
+        f"LoRA on layers {layers}: {result['trainable_params']:,} parameters",
+        f"{total_steps} steps in {seconds:.0f}s on {engine.num_processes} process(es), {engine.precision}; "
+        f"padding {result['padding_waste']:.0%} of tokens",
+    ]
+    files = [
+        run_dir.adapter_dir,
+        run_dir.finetune_log_json,
+        run_dir.finetune_loss_png,
+        run_dir.root / "logs" / "finetune",
+    ]
+    report.console.print(report.stage_panel("finetune", facts, files))
     return result

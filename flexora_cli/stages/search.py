@@ -22,12 +22,11 @@ from flexora_cli.checkpoint import Checkpoints, StopRequest
 from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import carve_validation, load_split
 from flexora_cli.data.prompts import build_prompts
-from flexora_cli.engine import Engine
+from flexora_cli.engine import Engine, StepResult
 from flexora_cli.errors import ConfigError
 from flexora_cli.gates import GatedModel, LayerGates
 from flexora_cli.modeling import (
     attach_lora,
-    enable_gradient_checkpointing,
     get_layers,
     load_model,
     load_tokenizer,
@@ -71,16 +70,10 @@ def run(cfg: DictConfig | Settings) -> dict:
     # -- model: LoRA on every layer, one gate per layer, wrapped by accelerate (DDP/FSDP) -----
     base = load_model(settings.model, engine.device, engine.precision)
     params_per_layer = lora_params_per_layer(base, settings.model, settings.lora)
-    peft_model = attach_lora(base, settings.model, settings.lora, layers=None)
-    if settings.gradient_checkpointing:
-        enable_gradient_checkpointing(peft_model)
-    layers = get_layers(peft_model, settings.model.layers_path)
-    gates = LayerGates(len(layers)).to(engine.device)
-    gates.attach(layers)
-    gated = GatedModel(peft_model, gates)
+    model, gates = gated_lora_model(base, settings)
     total_steps = search.epochs * len(train_batches)
     optimizer, schedule = adamw_with_schedule(
-        trainable_parameters(peft_model),
+        trainable_parameters(model.lm),
         search.lr,
         search.weight_decay,
         "cosine",
@@ -88,12 +81,13 @@ def run(cfg: DictConfig | Settings) -> dict:
         total_steps,
     )
     alpha_optimizer = torch.optim.Adam(gates.parameters(), lr=search.alpha_lr)
-    trained = {name: p for name, p in gated.named_parameters() if p.requires_grad}
-    model, optimizer, alpha_optimizer = engine.prepare(gated, optimizer, alpha_optimizer)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
     stateful = {"optimizer": optimizer, "scheduler": schedule, "alpha_optimizer": alpha_optimizer}
     checkpoints = Checkpoints(run_dir, "search", settings, trained, stateful | engine.scaler_state(), engine)
     step, history = checkpoints.resume()
     run_dir.begin_stage("search", settings)
+    engine.start_tracking("search", settings)
 
     # -- loop ---------------------------------------------------------------------------------
     started = time.time()
@@ -105,32 +99,17 @@ def run(cfg: DictConfig | Settings) -> dict:
         for epoch in range(first_epoch, search.epochs):
             for rows in train_batches.epoch(epoch, offset if epoch == first_epoch else 0):
                 step += 1
-                # 1. LoRA step on a training batch, α fixed
-                train = engine.forward_backward(model, rows, search.grad_accum, tokenizer.pad_token_id)
-                check_finite(train.loss, "search", step)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                alpha_optimizer.zero_grad(set_to_none=True)
-                # 2. α step on a validation batch, θ fixed. The backward is a full one (DDP
-                #    all-reduces every gradient); the LoRA gradients it leaves are dropped.
-                val = engine.forward_backward(
-                    model, next(val_stream), search.grad_accum, tokenizer.pad_token_id
-                )
-                check_finite(val.loss, "search", step)
-                alpha_optimizer.step()
-                alpha_optimizer.zero_grad(set_to_none=True)
-                optimizer.zero_grad(set_to_none=True)
-
+                train, val = alternate_step(
+                    engine, model, rows, next(val_stream), search.grad_accum, tokenizer.pad_token_id,
+                    (optimizer, schedule, alpha_optimizer), step,
+                )  # fmt: skip
                 if step % search.log_every == 0 or step == total_steps:
+                    alpha = [round(a, 6) for a in gates.alpha_hat.tolist()]
                     history.append(
-                        {
-                            "step": step,
-                            "train_loss": train.loss,
-                            "val_loss": val.loss,
-                            "alpha": [round(a, 6) for a in gates.alpha_hat.tolist()],
-                        }
+                        {"step": step, "train_loss": train.loss, "val_loss": val.loss, "alpha": alpha}
                     )
+                    layer_alphas = {f"alpha/layer_{i:02d}": a for i, a in enumerate(alpha)}
+                    engine.log({"loss/train": train.loss, "loss/val": val.loss, **layer_alphas}, step)
                 top = ",".join(str(i) for i in gates.ranking()[:3])
                 bar.update(0, advance=1, info=f"loss {train.loss:.3f} val {val.loss:.3f} top {top}")
                 checkpoints.after_step(step, history, stop)
@@ -158,10 +137,53 @@ def run(cfg: DictConfig | Settings) -> dict:
     )
     run_dir.end_stage("search", steps=total_steps)
     checkpoints.clear()
+    engine.end_tracking()
 
     report.console.print(report.alpha_table(alpha, result["ranking"], planted=planted_layers(settings)))
-    report.console.print(
-        f"search: {total_steps} steps on {engine.num_processes} process(es), {engine.precision}, "
-        f"padding {result['padding_waste']:.0%} of tokens; wrote {run_dir.alpha_json}"
-    )
+    facts = [
+        f"{total_steps} steps in {result['seconds']:.0f}s on {engine.num_processes} process(es), {engine.precision}",
+        f"top layers: {', '.join(map(str, result['ranking'][:5]))}; padding {result['padding_waste']:.0%} of tokens",
+    ]
+    files = [run_dir.alpha_json, run_dir.alpha_png, run_dir.search_loss_png, run_dir.root / "logs" / "search"]
+    report.console.print(report.stage_panel("search", facts, files))
     return result
+
+
+def gated_lora_model(base: torch.nn.Module, settings: Settings) -> tuple[GatedModel, LayerGates]:
+    """LoRA on every layer of `base`, each layer's LoRA paths gated by its α (gates.py)."""
+    peft_model = attach_lora(base, settings.model, settings.lora, None, settings.gradient_checkpointing)
+    layers = get_layers(peft_model, settings.model.layers_path)
+    gates = LayerGates(len(layers)).to(next(base.parameters()).device)
+    gates.attach(layers)
+    return GatedModel(peft_model, gates), gates
+
+
+def alternate_step(
+    engine: Engine,
+    model: torch.nn.Module,
+    train_rows: list[dict],
+    val_rows: list[dict],
+    grad_accum: int,
+    pad_id: int,
+    optimizers: tuple,
+    step: int,
+) -> tuple[StepResult, StepResult]:
+    """One search step: a LoRA step on `train_rows` (α fixed), then an α step on `val_rows`.
+
+    `optimizers` is (LoRA optimizer, its schedule, α optimizer). The α step's backward is a full
+    one because DDP all-reduces every gradient; the LoRA gradients it leaves are dropped.
+    """
+    optimizer, schedule, alpha_optimizer = optimizers
+    train = engine.forward_backward(model, train_rows, grad_accum, pad_id)
+    check_finite(train.loss, "search", step)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    alpha_optimizer.zero_grad(set_to_none=True)
+
+    val = engine.forward_backward(model, val_rows, grad_accum, pad_id)
+    check_finite(val.loss, "search", step)
+    alpha_optimizer.step()
+    alpha_optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
+    return train, val

@@ -101,8 +101,10 @@ def run(cfg: DictConfig | Settings) -> dict:
 
     if alpha is not None:
         report.console.print(report.alpha_table(alpha, result["ranking"], layers, planted_layers(settings)))
-    report.console.print(
-        f"select ({rule}): layers {layers} — {result['trainable_params']:,} trainable LoRA parameters "
-        f"({result['trainable_params'] / result['all_layers_params']:.0%} of LoRA on all layers); wrote {run_dir.selection_json}"
-    )
+    share = result["trainable_params"] / result["all_layers_params"]
+    facts = [
+        f"rule {rule}: layers {layers}",
+        f"{result['trainable_params']:,} trainable LoRA parameters ({share:.0%} of LoRA on all layers)",
+    ]
+    report.console.print(report.stage_panel("select", facts, [run_dir.selection_json, run_dir.selection_png]))
     return result

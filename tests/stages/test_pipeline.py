@@ -242,6 +242,24 @@ def test_compare_writes_the_table_for_every_variant(tiny_cfg):
     out = RunDir(cfg.out_dir).root / "compare"
     assert json.loads((out / "results.json").read_text()) == results
     assert (out / "table.md").read_text().count("\n") == 6  # header, rule, 4 variants
-    assert (out / "table.csv").read_text().splitlines()[0].startswith("variant,layers,trainable_params,acc")
+    assert (
+        (out / "table.csv").read_text().splitlines()[0].startswith("dataset,variant,layers,trainable_params")
+    )
     again = compare.run(cfg)  # everything complete: reused, same numbers
     assert again["rows"] == results["rows"]
+
+
+def test_tensorboard_logs_and_no_plots(tiny_cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg("tracker=tensorboard", "plots=false")
+    search.run(cfg)
+    out = RunDir(cfg.out_dir).root
+    events = EventAccumulator(str(out / "logs" / "search"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss/train", "loss/val", "alpha/layer_00", "alpha/layer_07"} <= set(tags)
+    logged = [e.value for e in events.Scalars("alpha/layer_05")]
+    history = json.loads((out / "search" / "alpha.json").read_text())["history"]
+    assert logged == pytest.approx([h["alpha"][5] for h in history])
+    assert not list(out.rglob("*.png"))

@@ -1,0 +1,342 @@
+"""Training speed and memory: Flexora's search and finetune steps against plain LoRA and against
+PEFT + transformers Trainer, measured side by side in one run.
+
+Every variant trains the same randomly initialised Llama (saved once, loaded by each), on the same
+synthetic rows (mcq-like: a context of random length, a one-token answer), with the same global
+batch, LoRA settings, precision and device. Each variant runs in its own subprocess, so its peak
+memory is its own. Printed: step times, tokens/s, peak memory, MFU on CUDA, and the ratios:
+
+  search step ÷ LoRA step (all layers)         goal ≤ 2.1
+  LoRA on half the layers ÷ on all layers      goal ≤ 0.75  (top half; and every other layer)
+  finetune tokens/s ÷ PEFT + Trainer           goal ≥ 1.2
+  search peak memory ÷ LoRA finetune           goal ≤ 1.15
+
+    python scripts/bench_train.py                                   # CPU, ~40M-parameter Llama
+    python scripts/bench_train.py --device cuda --size 1b           # bf16 on a GPU
+    python scripts/bench_train.py --device cuda --size 1b --quantization 4bit   # QLoRA
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    # ~40M parameters: small enough for a 2-core CPU, big enough to be compute-bound.
+    "40m": dict(
+        vocab_size=16000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=8,
+    ),
+    # Llama-3.2-1B's shape.
+    "1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+VARIANTS = ("lora_all", "half_top", "half_spread", "search", "trainer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=SIZES, default="40m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on CUDA)")
+    parser.add_argument("--quantization", default="none", choices=("none", "4bit", "8bit"))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--min-len", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak, for MFU")
+    parser.add_argument("--run-variant", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_variant:
+        print(json.dumps(measure(args)))
+        return
+
+    with tempfile.TemporaryDirectory() as scratch:
+        args.model_dir = build_model(args, Path(scratch))
+        results = {}
+        for variant in args.variants.split(","):
+            command = [sys.executable, __file__, *sys.argv[1:], "--run-variant", variant]
+            command += ["--model-dir", args.model_dir]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+            results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{variant:12s} {results[variant]}", file=sys.stderr)
+    report(args, results)
+
+
+def build_model(args: argparse.Namespace, scratch: Path) -> str:
+    """A random-init Llama of `--size`, saved once so every variant loads identical weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=4096, **SIZES[args.size])
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(scratch / "model", safe_serialization=True)
+    return str(scratch / "model")
+
+
+def synthetic_rows(args: argparse.Namespace, vocab: int, count: int, seed: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        length = int(torch.randint(args.min_len, args.max_len + 1, (1,), generator=generator))
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (length - 1) + ids[-1:]})
+    return rows
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Time `--steps` steps of one variant after `--warmup`, in this (fresh) process."""
+    from flexora_cli.data.batches import Batches
+    from flexora_cli.settings import LoraSettings, ModelSettings, Settings
+
+    variant = args.run_variant
+    settings = Settings(
+        model=ModelSettings(name_or_path=args.model_dir, quantization=args.quantization),
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+        device=args.device,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    total = args.warmup + args.steps
+    vocab = SIZES[args.size]["vocab_size"]
+    train = Batches(synthetic_rows(args, vocab, total * args.batch_size, 1), args.batch_size, 0)
+    val = Batches(synthetic_rows(args, vocab, total * args.batch_size, 2), args.batch_size, 1)
+    batches, val_batches = list(train.epoch(0)), list(val.epoch(0))
+    if variant == "trainer":
+        return measure_trainer(args, settings, [row for batch in batches for row in batch])
+
+    from flexora_cli.engine import Engine
+    from flexora_cli.modeling import attach_lora, load_model
+    from flexora_cli.stages.search import alternate_step, gated_lora_model
+    from flexora_cli.training import adamw_with_schedule, trainable_parameters
+
+    engine = Engine(settings)
+    base = load_model(settings.model, engine.device, engine.precision)
+    layers = base.config.num_hidden_layers
+    if variant == "search":
+        model, gates = gated_lora_model(base, settings)
+        lora = trainable_parameters(model.lm)
+    else:
+        chosen = {
+            "lora_all": None,
+            "half_top": range(layers // 2, layers),
+            "half_spread": range(0, layers, 2),
+        }
+        picked = chosen[variant]
+        model = attach_lora(
+            base,
+            settings.model,
+            settings.lora,
+            list(picked) if picked else None,
+            settings.gradient_checkpointing,
+        )
+        lora = trainable_parameters(model)
+    optimizer, schedule = adamw_with_schedule(lora, 1e-4, 0.0, "constant", 0.0, total)
+    optimizers = [optimizer]
+    if variant == "search":
+        optimizers.append(torch.optim.Adam(gates.parameters(), lr=0.01))
+    model, *optimizers = engine.prepare(model, *optimizers)
+    model.train()
+
+    def one_step(index: int) -> None:
+        if variant == "search":
+            alternate_step(
+                engine,
+                model,
+                batches[index],
+                val_batches[index],
+                1,
+                0,
+                (optimizers[0], schedule, optimizers[1]),
+                index,
+            )
+        else:
+            engine.forward_backward(model, batches[index], 1, 0)
+            optimizers[0].step()
+            optimizers[0].zero_grad(set_to_none=True)
+
+    return timed(args, one_step, batches)
+
+
+def measure_trainer(args: argparse.Namespace, settings, rows: list[dict]) -> dict:
+    """PEFT + transformers Trainer on the same rows: the setup a user of LLaMA-Factory-like tools runs."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from flexora_cli.modeling import load_model as load_base
+    from flexora_cli.modeling import lora_config, resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    base = load_base(settings.model, device, precision)
+    model = get_peft_model(base, lora_config(settings.model, settings.lora, None))
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, _args, state, _control, **_kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            if state.global_step == args.warmup and device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+    grouping = (
+        {"train_sampling_strategy": "group_by_length"}
+        if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__
+        else {"group_by_length": True}
+    )
+    training_args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=device.type == "cpu",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=args.gradient_checkpointing,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        **grouping,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=DataCollatorForSeq2Seq(_pad_only_tokenizer(), padding=True, label_pad_token_id=-100),
+        callbacks=[Clock()],
+    )
+    setup_rss = _rss_mb()
+    trainer.train()
+    seconds = marks[-1] - marks[args.warmup - 1]
+    return _summary(args, rows, seconds, setup_rss, device)
+
+
+def _pad_only_tokenizer():
+    """A tokenizer good for padding token ids (id 0), which is all DataCollatorForSeq2Seq asks."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>")
+
+
+def timed(args: argparse.Namespace, one_step, batches: list[list[dict]]) -> dict:
+    device = torch.device(args.device if args.device != "auto" else "cuda")
+    setup_rss = _rss_mb()  # before any step: the growth is activations, gradients, optimizer state
+    for index in range(args.warmup):
+        one_step(index)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for index in range(args.warmup, args.warmup + args.steps):
+        one_step(index)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rows = [row for batch in batches for row in batch]
+    return _summary(args, rows, time.perf_counter() - started, setup_rss, device)
+
+
+def _summary(args, rows: list[dict], seconds: float, setup_rss: float, device: torch.device) -> dict:
+    tokens_per_row = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    tokens = tokens_per_row * args.batch_size * args.steps
+    result = {
+        "step_s": seconds / args.steps,
+        "tokens_per_s": tokens / seconds,
+        "peak_rss_mb": _rss_mb(peak=True),
+        "rss_growth_mb": _rss_mb(peak=True) - setup_rss,
+    }
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _rss_mb(peak: bool = False) -> float:
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**SIZES[args.size])
+    embed = config.vocab_size * config.hidden_size
+    layer_params = config.num_hidden_layers * (
+        2 * config.hidden_size**2
+        + 2
+        * config.hidden_size
+        * config.hidden_size
+        * config.num_key_value_heads
+        // config.num_attention_heads
+        + 3 * config.hidden_size * config.intermediate_size
+    )
+    print(
+        f"\nmodel: random Llama {args.size}, {layer_params / 1e6:.1f}M layer + {embed / 1e6:.1f}M embedding params"
+    )
+    print(
+        f"device {args.device}, precision {args.precision}, quantization {args.quantization}, "
+        f"batch {args.batch_size}, lengths {args.min_len}-{args.max_len}, {args.steps} timed steps\n"
+    )
+    memory_key = "peak_gpu_mb" if args.device.startswith("cuda") else "rss_growth_mb"
+    print(f"| variant | step s | tokens/s | {memory_key} |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r[memory_key]:.0f} |")
+
+    def ratio(a: str, b: str, key: str, goal: str) -> None:
+        if a in results and b in results:
+            value = results[a][key] / results[b][key]
+            print(f"{a} ÷ {b} ({key}): {value:.2f}   goal {goal}")
+
+    print()
+    ratio("search", "lora_all", "step_s", "≤ 2.1")
+    ratio("half_top", "lora_all", "step_s", "≤ 0.75")
+    ratio("half_spread", "lora_all", "step_s", "≤ 0.75")
+    ratio("lora_all", "trainer", "tokens_per_s", "≥ 1.2")
+    ratio("search", "lora_all", memory_key, "≤ 1.15")
+    if args.device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        peak = (
+            args.peak_tflops * 1e12
+            if args.peak_tflops
+            else next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        )
+        # PaLM's convention: 6 FLOPs per parameter per token, plus attention's 12·layers·hidden·seq.
+        seq = (args.min_len + args.max_len) / 2
+        flops_per_token = 6 * layer_params + 12 * config.num_hidden_layers * config.hidden_size * seq
+        for name_, r in results.items():
+            mfu = flops_per_token * r["tokens_per_s"] / peak if peak else math.nan
+            print(f"MFU {name_}: {mfu:.1%} (6N convention; peak {peak and peak / 1e12:.0f} TFLOPs)")
+
+
+if __name__ == "__main__":
+    main()
