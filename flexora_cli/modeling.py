@@ -62,17 +62,16 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def quantization_config(spec: ModelSettings, device: torch.device):
-    """bitsandbytes settings for a QLoRA base (None for a full-precision base)."""
+def quantization_config(spec: ModelSettings, compute_dtype: torch.dtype):
+    """bitsandbytes settings for a QLoRA base (None for a full-precision base): NF4 with double
+    quantisation computing in `compute_dtype` (bf16 on CUDA by default), or LLM.int8.
+
+    bitsandbytes runs on CUDA, and (0.48 and later) on CPU, which is how the tests run QLoRA.
+    """
     if spec.quantization == "none":
         return None
     import importlib.util
 
-    if device.type != "cuda":
-        raise ConfigError(
-            f"model.quantization={spec.quantization} needs a CUDA GPU (bitsandbytes); "
-            f"use model.quantization=none on {device.type}"
-        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
             f"model.quantization={spec.quantization} needs bitsandbytes; "
@@ -86,7 +85,7 @@ def quantization_config(spec: ModelSettings, device: torch.device):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
 
 
@@ -112,14 +111,14 @@ def load_model(spec: ModelSettings, device: torch.device, precision: str) -> nn.
 
     _check_local_path(spec)
     dtype = resolve_dtype(spec, device, precision)
-    quantization = quantization_config(spec, device)
+    quantization = quantization_config(spec, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             spec.name_or_path,
             revision=spec.revision,
             dtype=dtype,
             quantization_config=quantization,
-            device_map={"": device.index or 0} if quantization else None,
+            device_map={"": _device_map_target(device)} if quantization else None,
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=None if spec.trust_remote_code else True,
         )
@@ -128,6 +127,11 @@ def load_model(spec: ModelSettings, device: torch.device, precision: str) -> nn.
     model.requires_grad_(False)
     get_layers(model, spec.layers_path)  # fail early, with the settings' names, if the layout differs
     return (model if quantization else model.to(device)).eval()  # bitsandbytes placed it already
+
+
+def _device_map_target(device: torch.device) -> int | str:
+    """Where bitsandbytes should place a quantized model: this process's GPU, or the CPU."""
+    return (device.index or 0) if device.type == "cuda" else "cpu"
 
 
 def get_layers(model: nn.Module, layers_path: str) -> nn.ModuleList:

@@ -92,6 +92,10 @@ def _broken_recipe(tmp: Path, demo: Path) -> None:
     (tmp / "recipes" / "recipe" / "broken.yaml").write_text("# @package _global_\nsearch: {budget: [1,\n")
 
 
+def _without_bitsandbytes(tmp: Path, demo: Path) -> None:
+    """Marker: the test hides the bitsandbytes package (as on a machine without the quant extra)."""
+
+
 def _nan_at_step_3(tmp: Path, demo: Path) -> None:
     """Marker: the test makes the loss NaN from the 5th loss computed on (step 3's LoRA step)."""
 
@@ -222,9 +226,11 @@ CASES = {
     "device=cuda without CUDA": Case(
         ["device=cuda"], "device=cuda but this machine has no CUDA device; use device=cpu or device=auto"
     ),
-    "4-bit without a GPU": Case(
+    "4-bit without bitsandbytes": Case(
         ["model.quantization=4bit"],
-        "model.quantization=4bit needs a CUDA GPU (bitsandbytes); use model.quantization=none on cpu",
+        'model.quantization=4bit needs bitsandbytes; install it with `pip install "flexora-cli[quant]"` '
+        "or use model.quantization=none",
+        prepare=_without_bitsandbytes,
     ),
     "tracker not installed": Case(
         ["tracker=wandb"],
@@ -273,6 +279,13 @@ def test_bad_input(name, demo_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     if case.prepare:
         case.prepare(tmp_path, demo)
+    if case.prepare is _without_bitsandbytes:
+        import importlib.util
+
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else find_spec(n, *a)
+        )
     if case.prepare is _broken_recipe:
         monkeypatch.setattr(cli, "recipes_dir", lambda: tmp_path / "recipes")
     if case.prepare is _disk_full:

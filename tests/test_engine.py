@@ -124,3 +124,25 @@ def test_precision_resolution_and_base_dtype(tiny_cfg):
     assert weights == {torch.bfloat16} and lora == {
         torch.float32
     }  # frozen base in bf16, LoRA masters in fp32
+
+
+def test_gates_attach_to_quantized_lora_layers(tiny):
+    """QLoRA: peft's bitsandbytes Linear4bit LoRA layers get a gate each, and α gets a gradient."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from flexora_cli.stages.search import gated_lora_model
+
+    settings, tokenizer, rows = tiny
+    settings.model.quantization = "4bit"
+    base = load_model(settings.model, torch.device("cpu"), "fp32")
+    model, gates = gated_lora_model(base, settings)
+    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(quantized) == 16 and len(gates._handles) == 16  # q_proj and v_proj of 8 layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.train()
+    Engine(settings).forward_backward(model, rows, 1, tokenizer.pad_token_id)
+    grad = gates.alpha_hat.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

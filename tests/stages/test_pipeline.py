@@ -263,3 +263,13 @@ def test_tensorboard_logs_and_no_plots(tiny_cfg):
     history = json.loads((out / "search" / "alpha.json").read_text())["history"]
     assert logged == pytest.approx([h["alpha"][5] for h in history])
     assert not list(out.rglob("*.png"))
+
+
+def test_qlora_runs_every_stage_on_the_4bit_base(tiny_cfg):
+    """bitsandbytes' CPU backend: NF4 base, LoRA on its Linear4bit layers, gated in the search."""
+    cfg = tiny_cfg("model.quantization=4bit")
+    results = run.run(cfg)
+    assert len(results["search"]["alpha"]) == 8 and math.isfinite(results["search"]["alpha_sum"])
+    assert any(abs(a) > 1e-4 for a in results["search"]["alpha"])  # the gates on quantized layers learn
+    adapter = results["eval"]["results"]["demo"]["adapter"]
+    assert adapter["n"] == 40 and 0 <= adapter["acc"] <= 1
