@@ -150,7 +150,7 @@ def _csv(rows: list[dict]) -> str:
 def _table(rows: list[dict], title: str) -> Table:
     table = Table(title=f"{title}: base vs LoRA vs Flexora vs random layers (n={rows[0]['n']})")
     for column in COLUMNS:
-        table.add_column(column, justify="left" if column in ("variant", "layers") else "right")
+        table.add_column(column, justify="left" if column in ("dataset", "variant", "layers") else "right")
     for row in rows:
         table.add_row(*_cells(row))
     return table
