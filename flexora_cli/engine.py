@@ -103,10 +103,6 @@ class Engine:
         return self.accelerator.process_index
 
     @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
     def shards_parameters(self) -> bool:
         """True under FSDP: a process holds a shard of each parameter, not the whole."""
         from accelerate.utils import DistributedType
@@ -202,9 +198,6 @@ class Engine:
         # Not Accelerator.end_training(): that also ends the process group the next stage needs.
         for tracker in self.accelerator.trackers:
             tracker.finish()
-
-    def wait_for_everyone(self) -> None:
-        self.accelerator.wait_for_everyone()
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
