@@ -81,12 +81,19 @@ class Engine:
         wanted = resolve_device(settings.device)
         self.precision = resolve_precision(settings.precision, wanted)
         self.tracker = resolve_tracker(settings.tracker)
-        self.accelerator = Accelerator(
-            mixed_precision=_ACCELERATE_PRECISION[self.precision],
-            cpu=wanted.type == "cpu",
-            log_with=self.tracker,
-            project_dir=str(Path(settings.out_dir) / "logs"),
-        )
+        try:
+            self.accelerator = Accelerator(
+                mixed_precision=_ACCELERATE_PRECISION[self.precision],
+                cpu=wanted.type == "cpu",
+                log_with=self.tracker,
+                project_dir=str(Path(settings.out_dir) / "logs"),
+            )
+        except (RuntimeError, ValueError) as exc:  # e.g. an FSDP launch on a machine without GPUs
+            reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"accelerate cannot start with this launch: {reason}; check the `accelerate launch` "
+                f"flags or config file (docs/distributed.md)"
+            ) from exc
         self.padding = PaddingMeter()
         self.keeps_logits = True
 

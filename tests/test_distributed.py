@@ -102,3 +102,27 @@ def test_documented_accelerate_configs_load(name):
     if name == "fsdp":
         assert hasattr(modeling_llama, config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
         assert config.fsdp_config["fsdp_use_orig_params"] is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs the FSDP launch would run")
+def test_fsdp_launch_without_gpus_is_one_clear_error(demo_dir, tmp_path):
+    """accelerate's FSDP needs an accelerator; here that is one error line per worker, nothing written."""
+    config = (Path(__file__).parents[1] / "docs" / "accelerate" / "fsdp.yaml").read_text()
+    local = tmp_path / "fsdp.yaml"
+    local.write_text(config.replace("num_processes: 8", "num_processes: 2"))
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(local),
+        "-m",
+        "flexora_cli",
+    ]
+    done = subprocess.run(
+        [*launch, "search", *quick(demo_dir, tmp_path / "run")], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all(e.startswith("error: accelerate cannot start with this launch:") for e in errors)
+    assert not (tmp_path / "run").exists()

@@ -131,7 +131,10 @@ def run(cfg: DictConfig | Settings) -> dict:
         "history": history,
     }
     run_dir.write_json(run_dir.alpha_json, result)
-    run_dir.save_figure(run_dir.alpha_png, lambda: report.plot_alpha(alpha, history))
+    positive = [
+        i for i, a in enumerate(alpha) if a > 0
+    ]  # the paper's rule; select/alpha.png shows the chosen
+    run_dir.save_figure(run_dir.alpha_png, lambda: report.plot_alpha(alpha, history, positive))
     run_dir.save_figure(
         run_dir.search_loss_png, lambda: report.plot_losses(history, ("train_loss", "val_loss"))
     )
