@@ -33,10 +33,11 @@ def locked(stage_run: Callable[[DictConfig | Settings], dict]) -> Callable[[Dict
 
     @functools.wraps(stage_run)
     def run(cfg: DictConfig | Settings) -> dict:
-        run_dir = RunDir(load(cfg).out_dir)
+        settings = load(cfg)  # composed and validated once; the stage's setup() gets it as is
+        run_dir = RunDir(settings.out_dir)
         with run_dir.lock():
             try:
-                result = stage_run(cfg)
+                result = stage_run(settings)
             except (FlexoraError, KeyboardInterrupt) as exc:
                 run_dir.mark_failed(exc)
                 raise
