@@ -74,6 +74,11 @@ class Checkpoints:
         self.run_dir, self.stage, self.settings = run_dir, stage, settings
         self.trained, self.stateful, self.engine = trained, stateful, engine
         self.dir = run_dir.checkpoints_dir(stage)
+        self.seconds_before, self._clock = 0.0, time.monotonic()
+
+    def elapsed(self) -> float:
+        """Training seconds of the stage so far, the runs before a resume included."""
+        return self.seconds_before + time.monotonic() - self._clock
 
     def latest(self) -> Path | None:
         found = sorted(self.dir.glob("step-*")) if self.dir.is_dir() else []
@@ -104,6 +109,7 @@ class Checkpoints:
                 parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
         for name, obj in self.stateful.items():
             obj.load_state_dict(state[name])
+        self.seconds_before, self._clock = state.get("seconds", 0.0), time.monotonic()
         report.console.print(
             f"{self.stage}: resuming from {latest} (step {state['step']}, "
             f"loaded in {time.perf_counter() - started:.2f}s)"
@@ -134,6 +140,7 @@ class Checkpoints:
         full_state = {
             **state,
             "step": step,
+            "seconds": self.elapsed(),
             "rng": rng_state(),
             "settings": stage_settings(self.stage, self.settings),
         }

@@ -53,6 +53,17 @@ def test_keeps_only_the_newest_checkpoints(tiny_cfg):
     assert state["step"] == 3 and tensors["w"].tolist() == [3.0, 3.0]
 
 
+def test_elapsed_seconds_carry_over_a_resume(tiny_cfg):
+    settings = load(tiny_cfg())
+    run_dir = RunDir(settings.out_dir)
+    first = Checkpoints(run_dir, "search", settings, {"w": torch.ones(2)}, {})
+    first.seconds_before = 100.0  # as if 100 s had been trained before this checkpoint
+    first.save(3, {"history": []})
+    second = Checkpoints(run_dir, "search", settings, {"w": torch.zeros(2)}, {})
+    assert second.resume() == (3, []) and 100.0 <= second.elapsed() < 110.0
+    assert second.trained["w"].tolist() == [1.0, 1.0]
+
+
 def _flexora(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "flexora_cli.cli", *args],

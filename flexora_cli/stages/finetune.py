@@ -91,14 +91,14 @@ def run(cfg: DictConfig | Settings) -> dict:
     state = engine.full_state_dict(model)  # every process takes part in the gather (FSDP)
     with run_dir.atomic_dir(run_dir.adapter_dir) as tmp:
         engine.unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    seconds = time.time() - started
+    seconds, this_run = checkpoints.elapsed(), time.time() - started  # tokens count this run only
     result = {
         "layers": layers,
         "trainable_params": sum(p.numel() for p in params),
         "steps": total_steps,
         "examples": len(examples),
         "seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "tokens_per_second": round(tokens / this_run, 1) if this_run else None,
         "padding_waste": round(engine.padding_waste(), 4),
         "num_processes": engine.num_processes,
         "precision": engine.precision,

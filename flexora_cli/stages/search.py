@@ -12,7 +12,6 @@ Output: search/alpha.json {alpha, ranking, num_layers, history, ...}, alpha.png,
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from omegaconf import DictConfig
@@ -90,7 +89,6 @@ def run(cfg: DictConfig | Settings) -> dict:
     engine.start_tracking("search", settings)
 
     # -- loop ---------------------------------------------------------------------------------
-    started = time.time()
     first_epoch, offset = divmod(step, len(train_batches))
     val_stream = val_batches.forever(skip=step)
     model.train()
@@ -124,7 +122,7 @@ def run(cfg: DictConfig | Settings) -> dict:
         "alpha_sum": math.fsum(alpha),
         "lora_params_per_layer": params_per_layer,
         "steps": total_steps,
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(checkpoints.elapsed(), 2),
         "padding_waste": round(engine.padding_waste(), 4),
         "num_processes": engine.num_processes,
         "precision": engine.precision,
