@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -324,18 +323,21 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
     ratio("lora_all", "trainer", "tokens_per_s", "≥ 1.2")
     ratio("search", "lora_all", memory_key, "≤ 1.15")
     if args.device.startswith("cuda"):
-        name = torch.cuda.get_device_name()
-        peak = (
-            args.peak_tflops * 1e12
-            if args.peak_tflops
-            else next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        )
+        device_name = torch.cuda.get_device_name()
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device_name)
+        if peak is None:
+            print(f"MFU: unknown peak for {device_name}; pass --peak-tflops")
+            return
         # PaLM's convention: 6 FLOPs per parameter per token, plus attention's 12·layers·hidden·seq.
         seq = (args.min_len + args.max_len) / 2
         flops_per_token = 6 * layer_params + 12 * config.num_hidden_layers * config.hidden_size * seq
-        for name_, r in results.items():
-            mfu = flops_per_token * r["tokens_per_s"] / peak if peak else math.nan
-            print(f"MFU {name_}: {mfu:.1%} (6N convention; peak {peak and peak / 1e12:.0f} TFLOPs)")
+        print(f"\n{device_name}, dense bf16 peak {peak / 1e12:.0f} TFLOPs (6N convention)   goal ≥ 40%")
+        for name, r in results.items():
+            print(f"MFU {name}: {flops_per_token * r['tokens_per_s'] / peak:.1%}")
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
 
 
 if __name__ == "__main__":
