@@ -22,7 +22,7 @@ from torch import nn
 from flexora_cli.data.batches import collate_left, label_tokens
 from flexora_cli.errors import ConfigError
 from flexora_cli.modeling import accepts_logits_to_keep, resolve_device, resolve_precision
-from flexora_cli.settings import Settings
+from flexora_cli.settings import Settings, flatten
 from flexora_cli.training import answer_loss_sum
 
 _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -40,14 +40,10 @@ def resolve_tracker(tracker: str) -> str | None:
     return None if tracker == "none" else tracker
 
 
-def _flat_scalars(node: object, prefix: str = "") -> dict:
-    """Nested settings as `a.b: value` with lists and None as text (what TensorBoard's hparams take)."""
-    if isinstance(node, dict):
-        return {
-            k: v for key, value in node.items() for k, v in _flat_scalars(value, f"{prefix}{key}.").items()
-        }
-    scalar = node if isinstance(node, (int, float, str, bool)) else str(node)
-    return {prefix.rstrip("."): scalar}
+def _hparams(settings: Settings) -> dict:
+    """The settings as `a.b: value`, lists and None as text (what TensorBoard's hparams take)."""
+    flat = flatten(dataclasses.asdict(settings))
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
 @dataclass
@@ -195,7 +191,7 @@ class Engine:
     def start_tracking(self, stage: str, settings: Settings) -> None:
         """Open the tracker's run for `stage` (TensorBoard: out_dir/logs/<stage>/) with the settings."""
         if self.tracker:
-            self.accelerator.init_trackers(stage, config=_flat_scalars(dataclasses.asdict(settings)))
+            self.accelerator.init_trackers(stage, config=_hparams(settings))
 
     def log(self, values: dict[str, float], step: int) -> None:
         if self.tracker:

@@ -374,5 +374,12 @@ def dataset_settings(name: str, settings: Settings) -> DatasetSettings:
         raise ConfigError(f"{path}: {_first_line(exc)}") from exc
 
 
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings (a dict, e.g. dataclasses.asdict or a config.yaml) as {"a.b": leaf}."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -19,6 +19,7 @@ from rich.table import Table
 from flexora_cli import report
 from flexora_cli.errors import ConfigError
 from flexora_cli.rundir import RunDir
+from flexora_cli.settings import flatten
 
 _LATEST_FIRST = ("eval", "finetune", "select", "search")
 _NOT_A_SETTING = {"out_dir", "quiet", "print_json", "debug", "force", "demo_assets"}
@@ -56,7 +57,7 @@ def _row(root: Path, run_dir: Path) -> dict:
         ),
         None,
     )
-    settings = _flatten(yaml.safe_load(config.read_text())) if config else {}
+    settings = flatten(yaml.safe_load(config.read_text())) if config else {}
     row: dict = {"run": str(run_dir.relative_to(root)) or ".", "settings": settings}
     if paths.selection_json.exists():
         selection = json.loads(paths.selection_json.read_text())
@@ -66,12 +67,6 @@ def _row(root: Path, run_dir: Path) -> dict:
             for variant, scores in variants.items():
                 row[f"{dataset}/{variant}"] = f"{scores['acc']:.4f} ± {scores['acc_stderr']:.4f}"
     return row
-
-
-def _flatten(node: object, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): node}
 
 
 def _varying(settings: list[dict], rows: list[dict]) -> list[str]:
