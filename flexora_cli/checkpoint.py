@@ -116,17 +116,22 @@ class Checkpoints:
         )
         return state["step"], state["history"]
 
-    def after_step(self, step: int, history: list[dict], stop: StopRequest) -> None:
-        """Save every `checkpoint_every` steps, or now when a stop was requested on any process
-        (then stop every process)."""
+    def stop_requested(self, stop: StopRequest) -> bool:
+        """Whether a stop signal reached any process (all processes then stop after this step)."""
         requested = stop.signal is not None
-        if self.engine is not None:
-            requested = self.engine.any_process(requested)
-            if self.engine.shards_parameters:
-                if requested:
-                    raise Interrupted(f"{self.stage}: stopped after step {step} (no checkpoint under FSDP)")
-                return
-        if step % self.settings.checkpoint_every and not requested:
+        return self.engine.any_process(requested) if self.engine is not None else requested
+
+    def due(self, step: int) -> bool:
+        """Whether `step` writes a periodic checkpoint."""
+        return step % self.settings.checkpoint_every == 0
+
+    def after_step(self, step: int, history: list[dict], stop: StopRequest, requested: bool) -> None:
+        """Save every `checkpoint_every` steps, or now when a stop was `requested` (then stop)."""
+        if self.engine is not None and self.engine.shards_parameters:
+            if requested:
+                raise Interrupted(f"{self.stage}: stopped after step {step} (no checkpoint under FSDP)")
+            return
+        if not self.due(step) and not requested:
             return
         saved = self.save(step, {"history": history, **{n: o.state_dict() for n, o in self.stateful.items()}})
         if requested:

@@ -1,16 +1,13 @@
-"""accelerate under every stage: the device, mixed precision, the processes, and one training step.
+"""accelerate under every stage: the device, mixed precision, the processes, the trackers.
 
 The same command runs as one process (`flexora search ...`) or as many
 (`accelerate launch --num_processes 8 -m flexora_cli search ...`, DDP; FSDP with an accelerate
-config, docs/distributed.md). Batch sizes are global: a step's examples are sorted by length and
-dealt to num_processes × grad_accum micro-batches, and each micro-batch's summed loss is divided
-by the answer tokens of the whole step. DDP then averages gradients, so 1 process and 8 take the
-same step (to float rounding), and a checkpoint resumes under any process count.
+config, docs/distributed.md). The training step itself (global batches dealt to processes and
+micro-batches, the loss, the guarded update) is step.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 from dataclasses import dataclass
@@ -19,11 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexora_cli.data.batches import collate_left, label_tokens
 from flexora_cli.errors import ConfigError
-from flexora_cli.modeling import accepts_logits_to_keep, resolve_device, resolve_precision
+from flexora_cli.modeling import resolve_device, resolve_precision
 from flexora_cli.settings import Settings, flatten
-from flexora_cli.training import answer_loss_sum
 
 _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -47,25 +42,15 @@ def _hparams(settings: Settings) -> dict:
 
 
 @dataclass
-class StepResult:
-    """What one forward/backward over a global batch measured (identical on every process)."""
-
-    loss: float
-    """Mean cross-entropy per answer token over the whole global batch."""
-    tokens: int
-    """Answer tokens in the global batch."""
-
-
-@dataclass
 class PaddingMeter:
     """Real and padded token slots of this process's micro-batches (padding waste = 1 − real/slots)."""
 
     real: int = 0
     slots: int = 0
 
-    def add(self, attention_mask: torch.Tensor) -> None:
-        self.real += int(attention_mask.sum())
-        self.slots += attention_mask.numel()
+    def add(self, real: int, slots: int) -> None:
+        self.real += real
+        self.slots += slots
 
 
 class Engine:
@@ -91,7 +76,6 @@ class Engine:
                 f"flags or config file (docs/distributed.md)"
             ) from exc
         self.padding = PaddingMeter()
-        self.keeps_logits = True
 
     @property
     def device(self) -> torch.device:
@@ -121,56 +105,11 @@ class Engine:
 
         Schedulers stay unprepared: steps here are global, so they advance once per step.
         """
-        self.keeps_logits = accepts_logits_to_keep(model)
         return self.accelerator.prepare(model, *optimizers)
 
     def scaler_state(self) -> dict:
         """The fp16 loss scaler, for checkpoints ({} when there is none)."""
         return {"scaler": self.accelerator.scaler} if self.accelerator.scaler is not None else {}
-
-    def forward_backward(
-        self, model: nn.Module, rows: list[dict], grad_accum: int, pad_id: int
-    ) -> StepResult:
-        """Forward and backward over this process's share of the global batch `rows`.
-
-        Gradients accumulate in .grad, equal to those of the mean loss per answer token over all
-        of `rows` (after DDP's all-reduce); the caller steps and zeroes the optimizers.
-        """
-        total_tokens = sum(label_tokens(row) for row in rows)
-        micro_batches = self._my_micro_batches(rows, grad_accum)
-        # DDP averages over processes, so each process's sum is scaled up by their number.
-        scale = self.num_processes / total_tokens
-        loss_sum = torch.zeros((), device=self.device)
-        for index, (micro, weight) in enumerate(micro_batches):
-            batch = collate_left(micro, pad_id)
-            if weight:
-                self.padding.add(batch["attention_mask"])
-            last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-            with sync:
-                summed = answer_loss_sum(model, batch, self.device, self.keeps_logits) * weight
-                self.accelerator.backward(summed * scale)
-            loss_sum += summed.detach().float()
-        global_sum = (
-            self.accelerator.reduce(loss_sum, reduction="sum") if self.num_processes > 1 else loss_sum
-        )
-        return StepResult(loss=float(global_sum) / total_tokens, tokens=total_tokens)
-
-    def _my_micro_batches(self, rows: list[dict], grad_accum: int) -> list[tuple[list[dict], float]]:
-        """This process's grad_accum micro-batches of `rows`, as (rows, weight).
-
-        Rows are sorted by length and dealt in contiguous runs, so each micro-batch pads little.
-        A micro-batch left empty (fewer rows than micro-batches) runs one row at weight 0, because
-        every process must take part in every backward.
-        """
-        ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
-        parts = self.num_processes * grad_accum
-        bounds = [len(ordered) * i // parts for i in range(parts + 1)]
-        mine = range(self.process_index * grad_accum, (self.process_index + 1) * grad_accum)
-        return [
-            (ordered[bounds[i] : bounds[i + 1]], 1.0) if bounds[i + 1] > bounds[i] else (ordered[:1], 0.0)
-            for i in mine
-        ]
 
     def padding_waste(self) -> float:
         """Share of token slots that were padding, over every process's micro-batches so far."""

@@ -9,6 +9,9 @@ needs little more memory than LoRA. The base path W x is untouched.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -21,6 +24,7 @@ class LayerGates(nn.Module):
         super().__init__()
         self.alpha_hat = nn.Parameter(torch.zeros(num_layers))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._current: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -48,25 +52,30 @@ class LayerGates(nn.Module):
             handle.remove()
         self._handles.clear()
 
+    @contextlib.contextmanager
+    def once_per_forward(self) -> Iterator[None]:
+        """Compute α = N·softmax(α̂) once for a whole forward; the hooks index that tensor (the
+        gradient still flows to α̂ through it). Outside (e.g. activation recomputation in
+        backward) each hook computes α itself, to the same value."""
+        self._current = self.alphas()
+        try:
+            yield
+        finally:
+            self._current = None
+
     def _make_hook(self, index: int):
         def scale_lora_output(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            alpha = self.alphas()[index]
-            return output * alpha.to(output.dtype)
+            alphas = self._current if self._current is not None else self.alphas()
+            return output * alphas[index].to(output.dtype)
 
         return scale_lora_output
 
     def ranking(self) -> list[int]:
         """Layer indices, highest α̂ first (ties: lower index first)."""
-        values = self.alpha_hat.detach().float().cpu().tolist()
-        return sorted(range(len(values)), key=lambda i: (-values[i], i))
+        return ranking(self.alpha_hat.detach().float().cpu().tolist())
 
 
-class GatedModel(nn.Module):
-    """The LoRA model and its gates as one module, so DDP averages α̂'s gradient like LoRA's."""
-
-    def __init__(self, lm: nn.Module, gates: LayerGates):
-        super().__init__()
-        self.lm, self.gates = lm, gates
-
-    def forward(self, **inputs):
-        return self.lm(**inputs)
+def ranking(alpha: list[float]) -> list[int]:
+    """Layer indices by α̂, highest first (ties: lower index first): the one ranking the search,
+    the selection rules and the reports use."""
+    return sorted(range(len(alpha)), key=lambda i: (-alpha[i], i))

@@ -54,6 +54,24 @@ def resolve_dtype(spec: ModelSettings, device: torch.device, precision: str) -> 
     return _DTYPES[spec.dtype]
 
 
+PACKABLE_MODEL_TYPES = ("llama", "mistral", "gemma", "qwen2", "qwen3")
+"""transformers' own architectures whose attention takes a custom 4-D mask with explicit position
+ids and whose logits are the LM head of the last hidden state (no soft-capping or scaling): the
+training step packs their rows and the scorer shares their choices' prefix. Others (e.g. ChatGLM3's
+remote code) get right-padded rows and their own forward."""
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a peft wrapper (or `model` itself)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def packs_rows(model: nn.Module) -> bool:
+    """Whether the training step may pack rows for `model` (see PACKABLE_MODEL_TYPES)."""
+    config = getattr(causal_lm(model), "config", None)
+    return getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES
+
+
 def accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the transformers model inside `model` (any wrapper) can compute only the last logits."""
     from transformers import PreTrainedModel

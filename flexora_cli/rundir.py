@@ -317,6 +317,8 @@ class RunDir:
 def stage_settings(stage: str, settings: Settings) -> dict:
     """The settings a stage's outputs depend on, as plain JSON-able values."""
     as_dict = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+    for training in ("search", "finetune"):  # how a failure is handled, not what a stage computes
+        as_dict[training].pop("on_nonfinite", None)
     return {key: as_dict[key] for key in _STAGE_KEYS[stage]}
 
 

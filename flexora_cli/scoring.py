@@ -24,10 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flexora_cli.data.batches import split_pairs
 from flexora_cli.data.prompts import Prompt
-from flexora_cli.modeling import accepts_logits_to_keep
-
-PACKABLE_MODEL_TYPES = ("llama", "mistral", "gemma", "qwen2", "qwen3")
-"""Architectures whose attention honours a custom 4-D mask with explicit position ids."""
+from flexora_cli.modeling import accepts_logits_to_keep, packs_rows
 
 
 @dataclass
@@ -81,10 +78,10 @@ def _rows(
 
 
 def can_share_prefix(model: nn.Module) -> bool:
-    """Whether `model` accepts the packed rows' custom attention mask (see PACKABLE_MODEL_TYPES)."""
-    config = getattr(model, "config", None)
-    implementation = getattr(config, "_attn_implementation", None)
-    return getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES and implementation in ("sdpa", "eager")
+    """Whether `model` accepts the packed rows' custom attention mask (modeling.PACKABLE_MODEL_TYPES
+    with SDPA or eager attention)."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return packs_rows(model) and implementation in ("sdpa", "eager")
 
 
 def _batch_inputs(

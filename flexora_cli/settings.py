@@ -24,6 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("mcq", "completion")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRACKERS = ("auto", "none", "tensorboard", "wandb")
+ON_NONFINITE = ("error", "skip")
 
 
 @dataclass
@@ -109,8 +110,17 @@ class SearchSettings:
     """Fraction of steps spent in linear warmup."""
     alpha_lr: float = 0.01
     """Learning rate of the α optimizer (Adam, no schedule, as in the public code)."""
+    max_grad_norm: float = 1.0
+    """Clip the LoRA gradients' global norm to this (as HF Trainer and the public code); 0: off."""
+    alpha_max_grad_norm: float = 0.0
+    """Clip α̂'s gradient norm in the α step to this; 0: off (Adam's steps barely depend on it)."""
+    on_nonfinite: str = "error"
+    """A non-finite loss or gradient is never applied. error: stop the stage naming the step,
+    phase and first non-finite module (resumable from the last checkpoint); skip: skip such
+    steps and count them in alpha.json."""
     log_every: int = 10
-    """Record losses and α in the history every this many steps."""
+    """Record losses and α in the history every this many steps (the only steps that wait for
+    the GPU)."""
 
 
 @dataclass
@@ -145,8 +155,13 @@ class FinetuneSettings:
     """transformers scheduler name (cosine, linear, constant_with_warmup, ...)."""
     warmup_ratio: float = 0.03
     """Fraction of steps spent in linear warmup."""
+    max_grad_norm: float = 1.0
+    """Clip the LoRA gradients' global norm to this (as HF Trainer); 0: off."""
+    on_nonfinite: str = "error"
+    """error: stop at a non-finite loss or gradient (never applied); skip: skip and count such
+    steps in train_log.json."""
     log_every: int = 10
-    """Record the training loss every this many steps."""
+    """Record the training loss every this many steps (the only steps that wait for the GPU)."""
 
 
 @dataclass
@@ -212,6 +227,13 @@ class Settings:
     options, score the letter; the paper's) or completion (lm-evaluation-harness's task prompts)."""
     max_length: int = 1024
     """Longest tokenised prompt+answer; longer examples are truncated from the left of the context."""
+    pack_tokens: int = 0
+    """Training rows are packed (concatenated, no padding between them) into rows of at most this
+    many tokens, or of the longest row of the micro-batch when that is longer (0: always the
+    longest row: attention then never costs more than with padding)."""
+    pad_to_multiple_of: int = 64
+    """Round packed (or padded) widths up to a multiple of this, so a run sees few distinct shapes
+    (each new shape can cost GPU kernels a new plan); 1: no rounding."""
     demo_assets: str | None = None
     """If set, build the bundled demo's tiny model and data in this directory when missing."""
     recipe: str | None = None
@@ -272,6 +294,15 @@ class Settings:
             value = getattr(self.search, key)
             check(value > 0, f"search.{key}: must be > 0, got {value}")
         check(self.search.alpha_lr > 0, f"search.alpha_lr: must be > 0, got {self.search.alpha_lr}")
+        for key in ("search.max_grad_norm", "search.alpha_max_grad_norm", "finetune.max_grad_norm"):
+            value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
+            check(value >= 0, f"{key}: must be >= 0 (0 turns clipping off), got {value}")
+        for key in ("search", "finetune"):
+            value = getattr(self, key).on_nonfinite
+            check(
+                value in ON_NONFINITE,
+                f"{key}.on_nonfinite: {value!r} is not one of {', '.join(ON_NONFINITE)}",
+            )
         check(
             self.select.rule in SELECT_RULES,
             f"select.rule: {self.select.rule!r} is not one of {', '.join(SELECT_RULES)}",
@@ -323,6 +354,8 @@ class Settings:
         check(self.device in DEVICES, f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         check(self.format in FORMATS, f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
         check(self.max_length > 8, f"max_length: must be > 8, got {self.max_length}")
+        check(self.pack_tokens >= 0, f"pack_tokens: must be >= 0, got {self.pack_tokens}")
+        check(self.pad_to_multiple_of > 0, f"pad_to_multiple_of: must be > 0, got {self.pad_to_multiple_of}")
         check(self.checkpoint_every > 0, f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
         check(self.keep_checkpoints > 0, f"keep_checkpoints: must be > 0, got {self.keep_checkpoints}")
         return problems

@@ -1,62 +1,116 @@
-"""Pieces shared by the two training stages (search and finetune): setup, loss, optimizers."""
+"""The loop both training stages share (search and finetune): resume → steps → finish.
+
+A stage builds its data, model and optimizers, then hands them to TrainingLoop, which owns the
+checkpoints, the progress bar, stop signals, the trackers, and the reads of the step's on-device
+figures (StepGuard) at log and checkpoint steps. Only there does the host wait for the device.
+"""
 
 from __future__ import annotations
 
-import math
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from transformers import get_scheduler, set_seed
 
-from flexora_cli.errors import TrainingError
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
-    set_seed(seed)
+from flexora_cli import report
+from flexora_cli.checkpoint import Checkpoints, StopRequest
+from flexora_cli.engine import Engine
+from flexora_cli.rundir import RunDir
+from flexora_cli.settings import Settings
+from flexora_cli.step import NonFiniteError, Readout, TrainStep, locate_nonfinite
 
 
-def answer_loss_sum(
-    model: nn.Module, batch: dict, device: torch.device, keep_logits: bool = True
-) -> torch.Tensor:
-    """Summed cross-entropy over the answer tokens of a left-padded batch (batches.collate_left).
+class TrainingLoop:
+    """Checkpointed, resumable steps of one training stage over a wrapped model."""
 
-    Only the logits of the answer positions are computed (`logits_to_keep`, where the model takes
-    it), which saves the LM head's matmul and memory over the context.
-    """
-    keep = batch["logits_to_keep"]
-    inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")}
-    if keep_logits:
-        inputs["logits_to_keep"] = keep
-    logits = model(**inputs, use_cache=False).logits[:, -keep:-1].float()
-    labels = batch["labels"][:, 1 - keep :].to(device)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
-
-
-def check_finite(value: float, stage: str, step: int) -> float:
-    if not math.isfinite(value):
-        raise TrainingError(
-            f"{stage}: loss is {value} at step {step}; stopped (checkpoints of earlier steps are kept); "
-            f"lower the learning rate and rerun with force=true"
+    def __init__(
+        self,
+        stage: str,
+        settings: Settings,
+        run_dir: RunDir,
+        engine: Engine,
+        model: nn.Module,
+        trained: dict[str, nn.Parameter],
+        stateful: dict[str, Any],
+        on_nonfinite: str,
+    ):
+        self.stage, self.settings, self.run_dir, self.engine, self.model = (
+            stage,
+            settings,
+            run_dir,
+            engine,
+            model,
         )
-    return value
+        self.train_step = TrainStep(engine, model, stage, on_nonfinite)
+        # The guard's log window and skip count travel in checkpoints: a resumed stage logs alike.
+        stateful = stateful | engine.scaler_state() | {"guard": self.train_step.guard}
+        self.checkpoints = Checkpoints(run_dir, stage, settings, trained, stateful, engine)
+        self.step, self.history = self.checkpoints.resume()
+        run_dir.begin_stage(stage, settings)
+        engine.start_tracking(stage, settings)
 
+    def run(
+        self,
+        batches: Iterator[Any],
+        total_steps: int,
+        one_step: Callable[[int, Any], None],
+        on_log: Callable[[int, Readout], str],
+        log_every: int,
+        phase_batch: Callable[[Any, int], Any] = lambda batch, _phase: batch,
+    ) -> None:
+        """Run `one_step(step, batch)` for each batch until `total_steps`.
 
-def adamw_with_schedule(
-    params: list[nn.Parameter],
-    lr: float,
-    weight_decay: float,
-    scheduler: str,
-    warmup_ratio: float,
-    total_steps: int,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = get_scheduler(
-        scheduler, optimizer, num_warmup_steps=int(warmup_ratio * total_steps), num_training_steps=total_steps
-    )
-    return optimizer, schedule
+        Every `log_every` steps, at checkpoints and at the end, the step's figures are read;
+        `on_log(step, readout)` records them and returns the progress bar's text. A non-finite
+        step under on_nonfinite=error is replayed (`phase_batch(batch, phase)` picks what the
+        failing phase ran on) and stops the stage with where it happened and how to resume.
+        """
+        recent: dict[int, Any] = {}  # the batches since the last read, for the replay
+        anomaly = torch.autograd.detect_anomaly() if self.settings.debug else contextlib.nullcontext()
+        info = ""
+        with report.progress(self.stage, total_steps) as bar, StopRequest() as stop, anomaly:
+            bar.update(0, completed=self.step)
+            for batch in batches:
+                if self.step >= total_steps:
+                    break
+                self.step += 1
+                recent[self.step] = batch
+                one_step(self.step, batch)
+                requested = self.checkpoints.stop_requested(stop)
+                logging = self.step % log_every == 0 or self.step == total_steps
+                if logging or requested or self.checkpoints.due(self.step):
+                    readout = self._read(lambda step, phase: phase_batch(recent[step], phase))
+                    recent.clear()
+                    if logging:
+                        info = on_log(self.step, readout)
+                        self.train_step.guard.reset_window()
+                bar.update(0, advance=1, info=info)
+                self.checkpoints.after_step(self.step, self.history, stop, requested)
 
+    def _read(self, batch_of: Callable[[int, int], Any]) -> Readout:
+        def replay(step: int, phase: int) -> str:
+            return locate_nonfinite(self.engine, self.model, batch_of(step, phase))
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+        try:
+            return self.train_step.check(self.step, replay)
+        except NonFiniteError as exc:
+            latest = self.checkpoints.latest()
+            resume = (
+                f"the last good checkpoint is {latest}: rerun the same command to resume from it"
+                if latest
+                else "no checkpoint was written before it: a rerun starts the stage over"
+            )
+            raise NonFiniteError(
+                f"{exc}; {resume} once the cause is fixed (lower {self.stage}.lr, check the data, or "
+                f"add {self.stage}.on_nonfinite=skip to skip such steps)"
+            ) from None
+
+    def finish(self) -> float:
+        """Mark the stage complete, drop its checkpoints, close the tracker; returns its seconds."""
+        seconds = self.checkpoints.elapsed()
+        self.run_dir.end_stage(self.stage, steps=self.step)
+        self.checkpoints.clear()
+        self.engine.end_tracking()
+        return seconds

@@ -126,56 +126,49 @@ def measure(args: argparse.Namespace) -> dict:
         return measure_trainer(args, settings, [row for batch in batches for row in batch])
 
     from flexora_cli.engine import Engine
-    from flexora_cli.modeling import attach_lora, load_model
-    from flexora_cli.stages.search import alternate_step, gated_lora_model
-    from flexora_cli.training import adamw_with_schedule, trainable_parameters
+    from flexora_cli.modeling import load_model
+    from flexora_cli.stages import collator
 
     engine = Engine(settings)
     base = load_model(settings.model, engine.device, engine.precision)
     layers = base.config.num_hidden_layers
+    picked = {"lora_all": None, "half_top": range(layers // 2, layers), "half_spread": range(0, layers, 2)}
+    one_step, model = training_step(engine, base, settings, variant, picked.get(variant), total)
+    collate = collator(settings, engine, model, 0, 1)
+    if variant == "search":  # collation is timed, as the Trainer's data collator is
+        return timed(args, lambda i: one_step(i + 1, (collate(batches[i]), collate(val_batches[i]))), batches)
+    return timed(args, lambda i: one_step(i + 1, collate(batches[i])), batches)
+
+
+def training_step(engine, base, settings, variant: str, layers, total: int):
+    """(one_step(step, batch), wrapped model) of flexora's search or finetune step, exactly as the
+    stages build them (stages/search.AlternatingStep, step.TrainStep)."""
+    from flexora_cli.modeling import attach_lora
+    from flexora_cli.stages.search import AlternatingStep, gated_lora_model
+    from flexora_cli.step import AnswerLM, TrainStep, adamw_with_schedule, trainable_parameters
+
     if variant == "search":
         model, gates = gated_lora_model(base, settings)
-        lora = trainable_parameters(model.lm)
     else:
-        chosen = {
-            "lora_all": None,
-            "half_top": range(layers // 2, layers),
-            "half_spread": range(0, layers, 2),
-        }
-        picked = chosen[variant]
-        model = attach_lora(
-            base,
-            settings.model,
-            settings.lora,
-            list(picked) if picked else None,
-            settings.gradient_checkpointing,
-        )
-        lora = trainable_parameters(model)
+        lora_layers = list(layers) if layers is not None else None
+        model = AnswerLM(attach_lora(base, settings.model, settings.lora, lora_layers, settings.gradient_checkpointing))
+    lora = trainable_parameters(model.lm)
     optimizer, schedule = adamw_with_schedule(lora, 1e-4, 0.0, "constant", 0.0, total)
-    optimizers = [optimizer]
     if variant == "search":
-        optimizers.append(torch.optim.Adam(gates.parameters(), lr=0.01))
-    model, *optimizers = engine.prepare(model, *optimizers)
-    model.train()
+        alpha_optimizer = torch.optim.Adam(gates.parameters(), lr=0.01, fused=True)
+        model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
+        train_step = TrainStep(engine, model, "search")
+        return AlternatingStep(train_step, (optimizer, schedule, alpha_optimizer), lora, gates, settings.search), model
+    model, optimizer = engine.prepare(model, optimizer)
+    train_step = TrainStep(engine, model, "finetune")
 
-    def one_step(index: int) -> None:
-        if variant == "search":
-            alternate_step(
-                engine,
-                model,
-                batches[index],
-                val_batches[index],
-                1,
-                0,
-                (optimizers[0], schedule, optimizers[1]),
-                index,
-            )
-        else:
-            engine.forward_backward(model, batches[index], 1, 0)
-            optimizers[0].step()
-            optimizers[0].zero_grad(set_to_none=True)
+    def finetune_step(step: int, batch) -> None:
+        loss = train_step.forward_backward(batch)
+        train_step.update(optimizer, lora, loss, settings.finetune.max_grad_norm, step)
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    return timed(args, one_step, batches)
+    return finetune_step, model
 
 
 def measure_trainer(args: argparse.Namespace, settings, rows: list[dict]) -> dict:
@@ -186,15 +179,25 @@ def measure_trainer(args: argparse.Namespace, settings, rows: list[dict]) -> dic
 
     from flexora_cli.modeling import load_model as load_base
     from flexora_cli.modeling import lora_config, resolve_device, resolve_precision
+    from flexora_cli.tripwires import HostSyncCounter, OpCounter
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     base = load_base(settings.model, device, precision)
     model = get_peft_model(base, lora_config(settings.model, settings.lora, None))
     marks: list[float] = []
+    syncs, ops = HostSyncCounter(device), OpCounter()
 
     class Clock(TrainerCallback):
+        """Counts the last warm-up step (as `timed` does for ours), then times the rest."""
+
+        def on_step_begin(self, _args, state, _control, **_kwargs):
+            if state.global_step == args.warmup - 1:
+                syncs.__enter__(), ops.__enter__()
+
         def on_step_end(self, _args, state, _control, **_kwargs):
+            if state.global_step == args.warmup:
+                ops.__exit__(None, None, None), syncs.__exit__(None, None, None)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             marks.append(time.perf_counter())
@@ -234,7 +237,8 @@ def measure_trainer(args: argparse.Namespace, settings, rows: list[dict]) -> dic
     setup_rss = _rss_mb()
     trainer.train()
     seconds = marks[-1] - marks[args.warmup - 1]
-    return _summary(args, rows, seconds, setup_rss, device)
+    result = _summary(args, rows, seconds, setup_rss, device)
+    return result | {"syncs": syncs.total, "sync_calls": syncs.counts, "ops": ops.counts}
 
 
 def _pad_only_tokenizer():
@@ -247,10 +251,15 @@ def _pad_only_tokenizer():
 
 
 def timed(args: argparse.Namespace, one_step, batches: list[list[dict]]) -> dict:
+    """Warm up, count one step's host syncs and aten ops, then time `--steps` steps."""
+    from flexora_cli.tripwires import HostSyncCounter, OpCounter
+
     device = torch.device(args.device if args.device != "auto" else "cuda")
     setup_rss = _rss_mb()  # before any step: the growth is activations, gradients, optimizer state
-    for index in range(args.warmup):
+    for index in range(args.warmup - 1):
         one_step(index)
+    with HostSyncCounter(device) as syncs, OpCounter() as ops:
+        one_step(args.warmup - 1)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -260,7 +269,8 @@ def timed(args: argparse.Namespace, one_step, batches: list[list[dict]]) -> dict
     if device.type == "cuda":
         torch.cuda.synchronize()
     rows = [row for batch in batches for row in batch]
-    return _summary(args, rows, time.perf_counter() - started, setup_rss, device)
+    result = _summary(args, rows, time.perf_counter() - started, setup_rss, device)
+    return result | {"syncs": syncs.total, "sync_calls": syncs.counts, "ops": ops.counts}
 
 
 def _summary(args, rows: list[dict], seconds: float, setup_rss: float, device: torch.device) -> dict:

@@ -52,3 +52,29 @@ def tiny_cfg(demo_dir, tmp_path):
         )
 
     return make
+
+
+def poison_layer(load_model, layer: int, from_call: int, until_call=None, backward=False, loaded=None):
+    """`load_model` whose decoder layer `layer` turns non-finite in its forwards from_call..until_call
+    (its output, or with backward=True its output's gradient); the models go into `loaded`. A
+    search step runs 2 forwards per micro-batch: the LoRA step's, then the α step's."""
+
+    def load(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        calls = []
+
+        def poison(_module, _inputs, output):
+            calls.append(1)
+            if len(calls) < from_call or (until_call is not None and len(calls) > until_call):
+                return output
+            if backward:
+                output.register_hook(lambda grad: grad * float("nan"))
+                return output
+            return output * float("nan")
+
+        model.model.layers[layer].register_forward_hook(poison)
+        if loaded is not None:
+            loaded.append(model)
+        return model
+
+    return load

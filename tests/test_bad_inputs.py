@@ -97,7 +97,7 @@ def _without_bitsandbytes(tmp: Path, demo: Path) -> None:
 
 
 def _nan_at_step_3(tmp: Path, demo: Path) -> None:
-    """Marker: the test makes the loss NaN from the 5th loss computed on (step 3's LoRA step)."""
+    """Marker: the test makes layer 3's output NaN from its 5th forward on (step 3's LoRA step)."""
 
 
 def _disk_full(tmp: Path, demo: Path) -> None:
@@ -251,7 +251,9 @@ CASES = {
     ),
     "non-finite loss": Case(
         ["search.budget=96", "search.val_samples=32", "checkpoint_every=1"],
-        "search: loss is nan at step 3; stopped (checkpoints of earlier steps are kept)",
+        "search: non-finite loss at step 3 (LoRA step, forward); first non-finite output in "
+        "model.layers.3 (LlamaDecoderLayer); no update was applied from step 3 on; the last good "
+        "checkpoint is {run}/search/checkpoints/step-0000002: rerun the same command to resume",
         exit_code=1,
         prepare=_nan_at_step_3,
     ),
@@ -296,17 +298,10 @@ def test_bad_input(name, demo_dir, tmp_path, monkeypatch, capsys):
 
         monkeypatch.setattr(os, "fsync", no_space)
     if case.prepare is _nan_at_step_3:
-        from flexora_cli import engine
+        from flexora_cli.stages import search
+        from tests.conftest import poison_layer
 
-        calls = []
-
-        def nan_loss(*args: object):
-            calls.append(1)
-            loss = real_loss(*args)
-            return loss * float("nan") if len(calls) >= 5 else loss
-
-        real_loss = engine.answer_loss_sum
-        monkeypatch.setattr(engine, "answer_loss_sum", nan_loss)
+        monkeypatch.setattr(search, "load_model", poison_layer(search.load_model, layer=3, from_call=5))
     fill = {"tmp": tmp_path, "run": tmp_path / "run", "demo": demo, "ppid": os.getppid()}
     args = [a.format(**fill) for a in case.args]
     command = (

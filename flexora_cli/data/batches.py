@@ -1,4 +1,4 @@
-"""Tokenisation of (context, continuation) pairs and padded batches.
+"""Tokenisation of (context, continuation) pairs, and the seeded order of training batches.
 
 The continuation's tokens are those of tokenize(context + continuation) past the context's own
 tokens (the lm-eval-harness convention), so training targets and scored choices tokenise alike.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from flexora_cli.data.prompts import Prompt
@@ -66,37 +65,6 @@ def training_features(
         {"input_ids": context_ids + answer_ids, "labels": [-100] * len(context_ids) + answer_ids}
         for context_ids, answer_ids in split_pairs(tokenizer, pairs, max_length)
     ]
-
-
-def label_tokens(row: dict) -> int:
-    """Answer tokens of one training row (the positions the loss is taken on)."""
-    return sum(1 for label in row["labels"] if label != -100)
-
-
-def collate_left(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded tensors of `rows`: answers end every row, so the loss needs only the logits of
-    the last `logits_to_keep` positions. Position ids count real tokens only."""
-    width = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    answer_span = 0
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, width - n :] = torch.tensor(row["input_ids"])
-        labels[i, width - n :] = torch.tensor(row["labels"])
-        attention_mask[i, width - n :] = 1
-        first_label = next(k for k, label in enumerate(row["labels"]) if label != -100)
-        answer_span = max(answer_span, n - first_label)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    # The logit at position p predicts token p+1: the answer's tokens need one position more.
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "labels": labels,
-        "logits_to_keep": answer_span + 1,
-    }
 
 
 class Batches:

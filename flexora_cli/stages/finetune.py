@@ -9,13 +9,13 @@ position.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
 from omegaconf import DictConfig
 
 from flexora_cli import report
-from flexora_cli.checkpoint import Checkpoints, StopRequest
 from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
@@ -23,13 +23,17 @@ from flexora_cli.engine import Engine
 from flexora_cli.modeling import attach_lora, load_model, load_tokenizer
 from flexora_cli.rundir import read_json
 from flexora_cli.settings import Settings
-from flexora_cli.stages import locked, setup
-from flexora_cli.training import (
+from flexora_cli.stages import collator, locked, setup
+from flexora_cli.step import (
+    AnswerLM,
+    Collated,
+    Readout,
     adamw_with_schedule,
-    check_finite,
+    prefetched,
     seed_everything,
     trainable_parameters,
 )
+from flexora_cli.training import TrainingLoop
 
 
 @locked
@@ -55,43 +59,46 @@ def run(cfg: DictConfig | Settings) -> dict:
     optimizer, schedule = adamw_with_schedule(
         params, spec.lr, spec.weight_decay, spec.scheduler, spec.warmup_ratio, total_steps
     )
-    trained = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
-    model, optimizer = engine.prepare(peft_model, optimizer)
-    stateful = {"optimizer": optimizer, "scheduler": schedule} | engine.scaler_state()
-    checkpoints = Checkpoints(run_dir, "finetune", settings, trained, stateful, engine)
-    step, history = checkpoints.resume()
-    run_dir.begin_stage("finetune", settings)
-    engine.start_tracking("finetune", settings)
+    model = AnswerLM(peft_model)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    collate = collator(settings, engine, model, tokenizer.pad_token_id, spec.grad_accum)
+    model, optimizer = engine.prepare(model, optimizer)
+    stateful = {"optimizer": optimizer, "scheduler": schedule}
+    loop = TrainingLoop("finetune", settings, run_dir, engine, model, trained, stateful, spec.on_nonfinite)
 
     # -- loop: one optimizer step per global batch ---------------------------------------------
     started, tokens = time.time(), 0
-    epoch, offset = divmod(step, len(batches))
+    epoch, offset = divmod(loop.step, len(batches))
+    epochs = itertools.count(epoch)
+    global_batches = (rows for e in epochs for rows in batches.epoch(e, offset if e == epoch else 0))
+    readouts = []
+
+    def one_step(step: int, batch: Collated) -> None:
+        nonlocal tokens
+        loss = loop.train_step.forward_backward(batch)
+        loop.train_step.update(optimizer, params, loss, spec.max_grad_norm, step)
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += batch.tokens
+
+    def on_log(step: int, readout: Readout) -> str:
+        readouts.append(readout)
+        loss, lr = readout.losses[0], schedule.get_last_lr()[0]
+        entry = {"step": step, "train_loss": loss, "lr": lr}
+        loop.history.append(entry | ({"grad_norm": list(readout.grad_norm)} if readout.grad_norm else {}))
+        engine.log({"loss/train": loss, "lr": lr}, step)
+        return f"loss {loss:.3f}"
+
     model.train()
-    with report.progress("finetune", total_steps) as bar, StopRequest() as stop:
-        bar.update(0, completed=step)
-        while step < total_steps:
-            for rows in batches.epoch(epoch, offset):
-                result = engine.forward_backward(model, rows, spec.grad_accum, tokenizer.pad_token_id)
-                step += 1
-                check_finite(result.loss, "finetune", step)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                tokens += sum(len(row["input_ids"]) for row in rows)
-                if step % spec.log_every == 0 or step == total_steps:
-                    lr = schedule.get_last_lr()[0]
-                    history.append({"step": step, "train_loss": result.loss, "lr": lr})
-                    engine.log({"loss/train": result.loss, "lr": lr}, step)
-                bar.update(0, advance=1, info=f"loss {result.loss:.3f}")
-                checkpoints.after_step(step, history, stop)
-                if step >= total_steps:
-                    break
-            epoch, offset = epoch + 1, 0
+    steps = prefetched(global_batches, collate, engine.device.type == "cuda")
+    loop.run(steps, total_steps, one_step, on_log, spec.log_every)
 
     state = engine.full_state_dict(model)  # every process takes part in the gather (FSDP)
     with run_dir.atomic_dir(run_dir.adapter_dir) as tmp:
-        engine.unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    seconds, this_run = checkpoints.elapsed(), time.time() - started  # tokens count this run only
+        engine.unwrap(model).lm.save_pretrained(tmp, state_dict=_lm_state(state), safe_serialization=True)
+    this_run = time.time() - started  # tokens count this run only
+    seconds = loop.finish()
+    history = loop.history
     result = {
         "layers": layers,
         "trainable_params": sum(p.numel() for p in params),
@@ -102,14 +109,13 @@ def run(cfg: DictConfig | Settings) -> dict:
         "padding_waste": round(engine.padding_waste(), 4),
         "num_processes": engine.num_processes,
         "precision": engine.precision,
+        "max_grad_norm": spec.max_grad_norm,
+        "nonfinite_steps_skipped": readouts[-1].skipped if readouts else 0,
         "history": history,
     }
     run_dir.write_json(run_dir.finetune_log_json, result)
     if history:
         run_dir.save_figure(run_dir.finetune_loss_png, lambda: report.plot_losses(history, ("train_loss",)))
-    run_dir.end_stage("finetune", steps=total_steps)
-    checkpoints.clear()
-    engine.end_tracking()
     facts = [
         f"LoRA on layers {layers}: {result['trainable_params']:,} parameters",
         f"{total_steps} steps in {seconds:.0f}s on {engine.num_processes} process(es), {engine.precision}; "
@@ -123,3 +129,8 @@ def run(cfg: DictConfig | Settings) -> dict:
     ]
     report.console.print(report.stage_panel("finetune", facts, files))
     return result
+
+
+def _lm_state(state: dict) -> dict:
+    """AnswerLM's state dict as the peft model's own (the keys without the `lm.` prefix)."""
+    return {key.removeprefix("lm."): value for key, value in state.items()}

@@ -17,13 +17,12 @@ import torch
 from omegaconf import DictConfig
 
 from flexora_cli import report
-from flexora_cli.checkpoint import Checkpoints, StopRequest
 from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import carve_validation, load_split
 from flexora_cli.data.prompts import build_prompts
-from flexora_cli.engine import Engine, StepResult
+from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
-from flexora_cli.gates import GatedModel, LayerGates
+from flexora_cli.gates import LayerGates, ranking
 from flexora_cli.modeling import (
     attach_lora,
     get_layers,
@@ -32,13 +31,18 @@ from flexora_cli.modeling import (
     lora_params_per_layer,
 )
 from flexora_cli.settings import Settings
-from flexora_cli.stages import locked, planted_layers, setup
-from flexora_cli.training import (
+from flexora_cli.stages import collator, locked, planted_layers, setup
+from flexora_cli.step import (
+    AnswerLM,
+    Collated,
+    Readout,
+    TrainStep,
     adamw_with_schedule,
-    check_finite,
+    prefetched,
     seed_everything,
     trainable_parameters,
 )
+from flexora_cli.training import TrainingLoop
 
 
 @locked
@@ -70,62 +74,62 @@ def run(cfg: DictConfig | Settings) -> dict:
     base = load_model(settings.model, engine.device, engine.precision)
     params_per_layer = lora_params_per_layer(base, settings.model, settings.lora)
     model, gates = gated_lora_model(base, settings)
+    lora = trainable_parameters(model.lm)
     total_steps = search.epochs * len(train_batches)
     optimizer, schedule = adamw_with_schedule(
-        trainable_parameters(model.lm),
-        search.lr,
-        search.weight_decay,
-        "cosine",
-        search.warmup_ratio,
-        total_steps,
+        lora, search.lr, search.weight_decay, "cosine", search.warmup_ratio, total_steps
     )
-    alpha_optimizer = torch.optim.Adam(gates.parameters(), lr=search.alpha_lr)
+    alpha_optimizer = torch.optim.Adam(gates.parameters(), lr=search.alpha_lr, fused=True)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    collate = collator(settings, engine, model, tokenizer.pad_token_id, search.grad_accum)
     model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
     stateful = {"optimizer": optimizer, "scheduler": schedule, "alpha_optimizer": alpha_optimizer}
-    checkpoints = Checkpoints(run_dir, "search", settings, trained, stateful | engine.scaler_state(), engine)
-    step, history = checkpoints.resume()
-    run_dir.begin_stage("search", settings)
-    engine.start_tracking("search", settings)
+    loop = TrainingLoop("search", settings, run_dir, engine, model, trained, stateful, search.on_nonfinite)
 
-    # -- loop ---------------------------------------------------------------------------------
-    first_epoch, offset = divmod(step, len(train_batches))
-    val_stream = val_batches.forever(skip=step)
+    # -- loop: a LoRA step on a training batch, then an α step on a validation batch -----------
+    first_epoch, offset = divmod(loop.step, len(train_batches))
+    val_stream = val_batches.forever(skip=loop.step)
+    pairs = (
+        (rows, next(val_stream))
+        for epoch in range(first_epoch, search.epochs)
+        for rows in train_batches.epoch(epoch, offset if epoch == first_epoch else 0)
+    )
+    steps = prefetched(pairs, lambda pair: (collate(pair[0]), collate(pair[1])), engine.device.type == "cuda")
+    phases = AlternatingStep(loop.train_step, (optimizer, schedule, alpha_optimizer), lora, gates, search)
+    readouts = []
+
+    def on_log(step: int, readout: Readout) -> str:
+        readouts.append(readout)
+        train_loss, val_loss = readout.losses[0], readout.losses[1]
+        alpha = [round(a, 6) for a in gates.alpha_hat.tolist()]
+        entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "alpha": alpha}
+        loop.history.append(entry | ({"grad_norm": list(readout.grad_norm)} if readout.grad_norm else {}))
+        layer_alphas = {f"alpha/layer_{i:02d}": a for i, a in enumerate(alpha)}
+        engine.log({"loss/train": train_loss, "loss/val": val_loss, **layer_alphas}, step)
+        top = ",".join(str(i) for i in ranking(alpha)[:3])
+        return f"loss {train_loss:.3f} val {val_loss:.3f} top {top}"
+
     model.train()
-    with report.progress("search", total_steps) as bar, StopRequest() as stop:
-        bar.update(0, completed=step)
-        for epoch in range(first_epoch, search.epochs):
-            for rows in train_batches.epoch(epoch, offset if epoch == first_epoch else 0):
-                step += 1
-                train, val = alternate_step(
-                    engine, model, rows, next(val_stream), search.grad_accum, tokenizer.pad_token_id,
-                    (optimizer, schedule, alpha_optimizer), step,
-                )  # fmt: skip
-                if step % search.log_every == 0 or step == total_steps:
-                    alpha = [round(a, 6) for a in gates.alpha_hat.tolist()]
-                    history.append(
-                        {"step": step, "train_loss": train.loss, "val_loss": val.loss, "alpha": alpha}
-                    )
-                    layer_alphas = {f"alpha/layer_{i:02d}": a for i, a in enumerate(alpha)}
-                    engine.log({"loss/train": train.loss, "loss/val": val.loss, **layer_alphas}, step)
-                top = ",".join(str(i) for i in gates.ranking()[:3])
-                bar.update(0, advance=1, info=f"loss {train.loss:.3f} val {val.loss:.3f} top {top}")
-                checkpoints.after_step(step, history, stop)
+    loop.run(steps, total_steps, phases, on_log, search.log_every, lambda pair, phase: pair[phase])
+    seconds = loop.finish()
+    history = loop.history
 
     # -- save ---------------------------------------------------------------------------------
     alpha = [float(a) for a in gates.alpha_hat.tolist()]
     result = {
         "alpha": alpha,
-        "ranking": gates.ranking(),
+        "ranking": ranking(alpha),
         "num_layers": len(alpha),
         "scaled_alpha": [float(a) for a in gates.alphas().tolist()],
         "alpha_sum": math.fsum(alpha),
         "lora_params_per_layer": params_per_layer,
         "steps": total_steps,
-        "seconds": round(checkpoints.elapsed(), 2),
+        "seconds": round(seconds, 2),
         "padding_waste": round(engine.padding_waste(), 4),
         "num_processes": engine.num_processes,
         "precision": engine.precision,
+        "max_grad_norm": search.max_grad_norm,
+        "nonfinite_steps_skipped": readouts[-1].skipped if readouts else 0,
         "history": history,
     }
     run_dir.write_json(run_dir.alpha_json, result)
@@ -136,9 +140,6 @@ def run(cfg: DictConfig | Settings) -> dict:
     run_dir.save_figure(
         run_dir.search_loss_png, lambda: report.plot_losses(history, ("train_loss", "val_loss"))
     )
-    run_dir.end_stage("search", steps=total_steps)
-    checkpoints.clear()
-    engine.end_tracking()
 
     report.console.print(report.alpha_table(alpha, result["ranking"], planted=planted_layers(settings)))
     facts = [
@@ -150,41 +151,37 @@ def run(cfg: DictConfig | Settings) -> dict:
     return result
 
 
-def gated_lora_model(base: torch.nn.Module, settings: Settings) -> tuple[GatedModel, LayerGates]:
-    """LoRA on every layer of `base`, each layer's LoRA paths gated by its α (gates.py)."""
+def gated_lora_model(base: torch.nn.Module, settings: Settings) -> tuple[AnswerLM, LayerGates]:
+    """LoRA on every layer of `base`, each layer's LoRA paths gated by its α (gates.py), as the
+    module the step trains (the gates inside it, so DDP averages α̂'s gradient like LoRA's)."""
     peft_model = attach_lora(base, settings.model, settings.lora, None, settings.gradient_checkpointing)
     layers = get_layers(peft_model, settings.model.layers_path)
     gates = LayerGates(len(layers)).to(next(base.parameters()).device)
     gates.attach(layers)
-    return GatedModel(peft_model, gates), gates
+    return AnswerLM(peft_model, gates), gates
 
 
-def alternate_step(
-    engine: Engine,
-    model: torch.nn.Module,
-    train_rows: list[dict],
-    val_rows: list[dict],
-    grad_accum: int,
-    pad_id: int,
-    optimizers: tuple,
-    step: int,
-) -> tuple[StepResult, StepResult]:
-    """One search step: a LoRA step on `train_rows` (α fixed), then an α step on `val_rows`.
+class AlternatingStep:
+    """One search step: a LoRA step on the training batch (α fixed), then an α step on the
+    validation batch (θ fixed). Both backward passes are full ones, because DDP all-reduces every
+    gradient; the gradients a phase leaves on the other phase's parameters are dropped."""
 
-    `optimizers` is (LoRA optimizer, its schedule, α optimizer). The α step's backward is a full
-    one because DDP all-reduces every gradient; the LoRA gradients it leaves are dropped.
-    """
-    optimizer, schedule, alpha_optimizer = optimizers
-    train = engine.forward_backward(model, train_rows, grad_accum, pad_id)
-    check_finite(train.loss, "search", step)
-    optimizer.step()
-    schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-    alpha_optimizer.zero_grad(set_to_none=True)
+    def __init__(self, train_step: TrainStep, optimizers: tuple, lora: list, gates: LayerGates, search):
+        self.train_step, self.lora, self.alpha = train_step, lora, list(gates.parameters())
+        self.optimizer, self.schedule, self.alpha_optimizer = optimizers
+        self.max_grad_norm, self.alpha_max_grad_norm = search.max_grad_norm, search.alpha_max_grad_norm
 
-    val = engine.forward_backward(model, val_rows, grad_accum, pad_id)
-    check_finite(val.loss, "search", step)
-    alpha_optimizer.step()
-    alpha_optimizer.zero_grad(set_to_none=True)
-    optimizer.zero_grad(set_to_none=True)
-    return train, val
+    def __call__(self, step: int, batches: tuple[Collated, Collated]) -> None:
+        train, val = batches
+        loss = self.train_step.forward_backward(train)
+        self.train_step.update(self.optimizer, self.lora, loss, self.max_grad_norm, step, phase=0)
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+
+        val_loss = self.train_step.forward_backward(val)
+        self.train_step.update(
+            self.alpha_optimizer, self.alpha, val_loss, self.alpha_max_grad_norm, step, phase=1
+        )
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from flexora_cli import report
 from flexora_cli.errors import ConfigError, FlexoraError
+from flexora_cli.gates import ranking
 from flexora_cli.modeling import describe
 from flexora_cli.rundir import read_json
 from flexora_cli.settings import SelectSettings, Settings
@@ -25,9 +26,9 @@ def select_layers(
     params_per_layer: list[int] | None = None,
 ) -> list[int]:
     """The selected layer indices (ascending) under `rule`; never empty."""
-    ranking = sorted(range(len(alpha)), key=lambda i: (-alpha[i], i))
+    ranked = ranking(alpha)
     if rule == "positive":
-        chosen = [i for i in ranking if alpha[i] > 0]
+        chosen = [i for i in ranked if alpha[i] > 0]
         if not chosen:
             raise FlexoraError(
                 "select: no layer has α̂ > 0 (the search left α̂ at 0); run a longer search "
@@ -36,11 +37,11 @@ def select_layers(
     elif rule == "top_k":
         if k is None or not 0 < k <= len(alpha):
             raise ConfigError(f"select.k={k} is out of range for {len(alpha)} layers; use 1..{len(alpha)}")
-        chosen = ranking[:k]
+        chosen = ranked[:k]
     elif rule == "budget":
         assert params_per_layer is not None and max_params is not None
         chosen, used = [], 0
-        for layer in ranking:
+        for layer in ranked:
             if used + params_per_layer[layer] <= max_params:
                 chosen.append(layer)
                 used += params_per_layer[layer]
@@ -90,7 +91,7 @@ def run(cfg: DictConfig | Settings) -> dict:
         "trainable_params": sum(params_per_layer[i] for i in layers),
         "num_layers": len(params_per_layer),
         "all_layers_params": sum(params_per_layer),
-        "ranking": sorted(range(len(alpha)), key=lambda i: (-alpha[i], i)) if alpha else None,
+        "ranking": ranking(alpha) if alpha else None,
     }
     run_dir.write_json(run_dir.selection_json, result)
     if alpha is not None:  # the ranking again, with the chosen layers marked

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import random
 
-import torch
-
-from flexora_cli.data.batches import Batches, collate_left, label_tokens
+from flexora_cli.data.batches import Batches
 
 
 def features(n: int, seed: int = 0) -> list[dict]:
@@ -40,16 +38,3 @@ def test_length_grouping_cuts_padding():
     rows = features(800)
     grouped, plain = (list(Batches(rows, 8, 0, g).epoch(0)) for g in (True, False))
     assert padding(grouped) < 0.2 * padding(plain)
-
-
-def test_collate_left_puts_answers_at_the_end():
-    rows = [
-        {"input_ids": [1, 2, 3], "labels": [-100, -100, 3]},
-        {"input_ids": [1, 4, 5, 6, 7], "labels": [-100, -100, -100, 6, 7]},
-    ]
-    batch = collate_left(rows, pad_id=0)
-    assert batch["input_ids"].tolist() == [[0, 0, 1, 2, 3], [1, 4, 5, 6, 7]]
-    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert batch["position_ids"].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
-    assert batch["labels"][:, 1 - batch["logits_to_keep"] :].tolist() == [[-100, 3], [6, 7]]
-    assert [label_tokens(r) for r in rows] == [1, 2] and torch.is_tensor(batch["labels"])

@@ -1,0 +1,584 @@
+"""One training step, owned here: collation, the answer loss, backward, clipping and the guarded update.
+
+The search (both its LoRA and its α step), finetune and scripts/bench_train.py all run this code.
+
+- **Padding-free packing.** A micro-batch's rows are concatenated into packs of at most
+  `pack_tokens` tokens; position ids restart at 0 for each row and a block-diagonal causal mask
+  (built on the device from per-token sequence ids) keeps rows apart. The unused tail of a pack
+  is a sequence of its own, so no attention query row is ever fully masked: such rows are where
+  CUDA's SDPA kernels return NaN for left-padded batches. Families whose code cannot take
+  packed rows (remote code, e.g. ChatGLM3) get right-padded rows instead, which have no fully
+  masked rows under a causal mask either (modeling.packs_rows decides).
+- **Loss on answer positions only.** The hidden states of the positions that predict an answer
+  token are gathered and the LM head runs on those alone: no [tokens × vocab] tensor exists for
+  context tokens.
+- **Global batches.** A step's rows are sorted by length and dealt to num_processes × grad_accum
+  micro-batches; each micro-batch's summed loss is divided by the answer tokens of the whole
+  step, and DDP averages, so 1 process and N take the same step.
+- **No host sync inside a step.** Losses, gradient norms and finiteness flags stay on the device
+  (StepGuard) and are read at log and checkpoint steps; batches are collated on the host ahead
+  of the step and copied with non_blocking.
+- **Guarded updates.** Gradients are clipped to `max_grad_norm`; a non-finite loss or gradient
+  norm sets `found_inf` on the fused AdamW/Adam, whose kernel then skips the update on the
+  device. With on_nonfinite=error every later update is skipped too, so the weights stay at the
+  last good state until the next read, which replays the failing batch with finiteness hooks
+  (locate_nonfinite) and stops the stage with one line naming step, phase and module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import get_scheduler, set_seed
+
+from flexora_cli.errors import TrainingError
+from flexora_cli.modeling import accepts_logits_to_keep, causal_lm, packs_rows
+
+PHASES = ("LoRA step", "α step")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    set_seed(seed)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adamw_with_schedule(
+    params: list[nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    scheduler: str,
+    warmup_ratio: float,
+    total_steps: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Fused AdamW (one kernel for all tensors; it also honours `found_inf`, see StepGuard) and
+    a transformers schedule."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    schedule = get_scheduler(
+        scheduler, optimizer, num_warmup_steps=int(warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    return optimizer, schedule
+
+
+# -- collation -------------------------------------------------------------------------------
+
+
+def answer_positions(row: dict) -> list[int]:
+    """Positions whose logits predict an answer token (the logit at p predicts token p + 1)."""
+    labels = row["labels"]
+    return [p - 1 for p in range(1, len(labels)) if labels[p] != -100]
+
+
+def label_tokens(row: dict) -> int:
+    """Answer tokens of one training row (the positions the loss is taken on)."""
+    return sum(1 for label in row["labels"] if label != -100)
+
+
+@dataclass
+class MicroBatch:
+    """One forward pass's tokens, collated on the host (pinned on CUDA) ahead of the step."""
+
+    input_ids: torch.Tensor
+    """[packs or rows, width] token ids."""
+    position_ids: torch.Tensor
+    """[packs or rows, width], restarting at 0 for each packed row."""
+    sequence_ids: torch.Tensor | None
+    """Packed: [packs, width] which row of the pack each token belongs to (None when padded)."""
+    attention_mask: torch.Tensor | None
+    """Right-padded: [rows, width] 1 on real tokens (None when packed)."""
+    answer_rows: torch.Tensor
+    """[K] the pack/row of each answer-predicting position."""
+    answer_cols: torch.Tensor
+    """[K] its column."""
+    targets: torch.Tensor
+    """[K] the answer token each of those positions predicts."""
+    weight: float = 1.0
+    """0 for the stand-in row of a process whose share of the step is empty."""
+    real_tokens: int = 0
+    """Tokens of real rows (the rest of input_ids is padding), for the padding-waste report."""
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+    def pin_memory(self) -> MicroBatch:
+        return replace(self, **{k: v.pin_memory() for k, v in self._tensors().items()})
+
+    def to(self, device: torch.device) -> MicroBatch:
+        return replace(self, **{k: v.to(device, non_blocking=True) for k, v in self._tensors().items()})
+
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        return {
+            k: getattr(self, k) for k in ("input_ids", "position_ids", "sequence_ids", "attention_mask")
+        } | {
+            "answer_rows": self.answer_rows,
+            "answer_cols": self.answer_cols,
+            "targets": self.targets,
+        }
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pack_rows(rows: list[dict], pad_id: int, pack_tokens: int, multiple: int) -> MicroBatch:
+    """Concatenate `rows` into as few packs as first-fit decreasing finds, each of at most
+    max(pack_tokens, the longest row rounded up to `multiple`) tokens. With pack_tokens 0 a pack
+    is as wide as padding would make the longest row, so packing never costs more attention than
+    padding (which grows with the square of the width) and saves the rows it fills. The tail of
+    each pack is padding that forms a sequence of its own (it attends to itself, never to a row,
+    and is never scored)."""
+    capacity = max(pack_tokens, _round_up(max(len(row["input_ids"]) for row in rows), multiple))
+    packs: list[list[dict]] = []
+    loads: list[int] = []
+    for row in sorted(rows, key=lambda r: -len(r["input_ids"])):
+        n = len(row["input_ids"])
+        slot = next((i for i, load in enumerate(loads) if load + n <= capacity), None)
+        if slot is None:
+            packs.append([]), loads.append(0)
+            slot = len(packs) - 1
+        packs[slot].append(row)
+        loads[slot] += n
+    width = _round_up(max(loads), multiple)
+    input_ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(packs), width), dtype=torch.long)
+    sequence_ids = torch.zeros((len(packs), width), dtype=torch.long)
+    answer_rows, answer_cols, targets = [], [], []
+    for p, pack in enumerate(packs):
+        offset = 0
+        for sequence, row in enumerate(pack + [None]):
+            n = len(row["input_ids"]) if row else width - offset
+            if row:
+                input_ids[p, offset : offset + n] = torch.tensor(row["input_ids"])
+                positions = answer_positions(row)
+                answer_rows += [p] * len(positions)
+                answer_cols += [offset + k for k in positions]
+                targets += [row["labels"][k + 1] for k in positions]
+            position_ids[p, offset : offset + n] = torch.arange(n)
+            sequence_ids[p, offset : offset + n] = sequence
+            offset += n
+    return MicroBatch(
+        input_ids, position_ids, sequence_ids, None,
+        torch.tensor(answer_rows), torch.tensor(answer_cols), torch.tensor(targets),
+        real_tokens=sum(loads),
+    )  # fmt: skip
+
+
+def pad_rows(rows: list[dict], pad_id: int, multiple: int) -> MicroBatch:
+    """Right-padded rows (the fallback for models that cannot take packed rows): under a causal
+    mask a padding query still sees its row's real tokens, so no query row is fully masked."""
+    width = _round_up(max(len(row["input_ids"]) for row in rows), multiple)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    answer_rows, answer_cols, targets = [], [], []
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        attention_mask[i, :n] = 1
+        positions = answer_positions(row)
+        answer_rows += [i] * len(positions)
+        answer_cols += positions
+        targets += [row["labels"][k + 1] for k in positions]
+    return MicroBatch(
+        input_ids, torch.arange(width).repeat(len(rows), 1), None, attention_mask,
+        torch.tensor(answer_rows), torch.tensor(answer_cols), torch.tensor(targets),
+        real_tokens=int(attention_mask.sum()),
+    )  # fmt: skip
+
+
+@dataclass
+class Collated:
+    """This process's micro-batches of one global batch, and the step's answer-token count."""
+
+    micro_batches: list[MicroBatch]
+    total_tokens: int
+    """Answer tokens of the whole global batch (all processes): the loss's denominator."""
+    rows: int
+    """Rows of the global batch."""
+    tokens: int
+    """Tokens of the global batch's rows (for tokens/s)."""
+
+    def pin_memory(self) -> Collated:
+        return replace(self, micro_batches=[m.pin_memory() for m in self.micro_batches])
+
+
+@dataclass
+class Collator:
+    """Deals a global batch's rows to this process's micro-batches and collates them."""
+
+    pad_id: int
+    packed: bool
+    """Pack rows (pack_rows) or right-pad them (pad_rows)."""
+    pack_tokens: int = 0
+    multiple: int = 64
+    num_processes: int = 1
+    process_index: int = 0
+    grad_accum: int = 1
+
+    def __call__(self, rows: list[dict]) -> Collated:
+        """Rows sorted by length are dealt in contiguous runs (little padding). A micro-batch left
+        empty (fewer rows than micro-batches) runs one row at weight 0, because every process must
+        take part in every backward."""
+        ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
+        parts = self.num_processes * self.grad_accum
+        bounds = [len(ordered) * i // parts for i in range(parts + 1)]
+        micro_batches = []
+        for i in range(self.process_index * self.grad_accum, (self.process_index + 1) * self.grad_accum):
+            share, weight = (
+                (ordered[bounds[i] : bounds[i + 1]], 1.0) if bounds[i + 1] > bounds[i] else (ordered[:1], 0.0)
+            )
+            batch = (
+                pack_rows(share, self.pad_id, self.pack_tokens, self.multiple)
+                if self.packed
+                else pad_rows(share, self.pad_id, self.multiple)
+            )
+            micro_batches.append(
+                replace(batch, weight=weight, real_tokens=batch.real_tokens if weight else 0)
+            )
+        return Collated(
+            micro_batches,
+            total_tokens=sum(label_tokens(row) for row in rows),
+            rows=len(rows),
+            tokens=sum(len(row["input_ids"]) for row in rows),
+        )
+
+
+def prefetched(batches: Iterator[list[dict]], collate: Collator, pin: bool) -> Iterator[Collated]:
+    """Collate global batches ahead of the step through a DataLoader (pinned memory on CUDA), in
+    the order `batches` yields them (seeded and resumable, data/batches.Batches)."""
+    loader = torch.utils.data.DataLoader(
+        _IterableBatches(batches), batch_size=None, collate_fn=collate, pin_memory=pin, num_workers=0
+    )
+    yield from loader
+
+
+class _IterableBatches(torch.utils.data.IterableDataset):
+    def __init__(self, batches: Iterator[list[dict]]):
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        return iter(self.batches)
+
+
+# -- the model a training stage wraps ----------------------------------------------------------
+
+
+def block_causal_mask(
+    sequence_ids: torch.Tensor, dtype: torch.dtype | None, window: int | None = None
+) -> torch.Tensor:
+    """[packs, 1, width, width] mask for packed rows: a token sees the earlier tokens of its own
+    row (within `window` when the model has a sliding window). bool for SDPA; additive in
+    `dtype` for eager attention (dtype given). Every query row allows at least itself."""
+    width = sequence_ids.shape[1]
+    position = torch.arange(width, device=sequence_ids.device)
+    allowed = (sequence_ids[:, :, None] == sequence_ids[:, None, :]) & (
+        position[:, None] >= position[None, :]
+    )
+    if window:
+        allowed &= position[:, None] - position[None, :] < window
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+class AnswerLM(nn.Module):
+    """The module a training stage hands accelerate (DDP/FSDP wrap it): the LoRA model, the
+    search's gates (None in finetune), and forward = the summed cross-entropy of the answers."""
+
+    def __init__(self, lm: nn.Module, gates: nn.Module | None = None):
+        super().__init__()
+        self.lm, self.gates = lm, gates
+        causal = causal_lm(lm)
+        self.packed = packs_rows(causal)
+        config = causal.config
+        implementation = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+        self._mask_dtype = None  # SDPA takes a bool mask
+        if implementation == "eager":
+            self._mask_dtype = next(p.dtype for p in causal.parameters() if p.is_floating_point())
+        self._builds_mask = "flash" not in implementation  # flash-attention reads packed position_ids
+        self._window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        self._keeps_logits = accepts_logits_to_keep(causal)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        sequence_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        answer_rows: torch.Tensor,
+        answer_cols: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        gated = self.gates.once_per_forward() if self.gates is not None else contextlib.nullcontext()
+        with gated:
+            logits = self.answer_logits(
+                input_ids, position_ids, sequence_ids, attention_mask, answer_rows, answer_cols
+            )
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    def answer_logits(self, input_ids, position_ids, sequence_ids, attention_mask, answer_rows, answer_cols):
+        """float32 logits [K, vocab] of the answer-predicting positions only."""
+        causal = causal_lm(self.lm)
+        if sequence_ids is not None:  # packed: the backbone, then the head on the gathered states
+            mask = (
+                block_causal_mask(sequence_ids, self._mask_dtype, self._window) if self._builds_mask else None
+            )
+            hidden = causal.get_decoder()(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
+            ).last_hidden_state
+            return causal.get_output_embeddings()(hidden[answer_rows, answer_cols]).float()
+        # Right-padded fallback (model code we cannot reach inside): the whole model's logits
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        logits = self.lm(**inputs).logits
+        return logits[answer_rows, answer_cols].float()
+
+
+# -- the step ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepGuard:
+    """On-device bookkeeping of a stage's updates: loss sums, gradient norms, non-finite steps.
+
+    Nothing here reads the device; `read()` does, at log and checkpoint steps.
+    """
+
+    device: torch.device
+    on_nonfinite: str = "error"
+    """error: stop at the next read, every update since skipped; skip: skip the step and count it."""
+    scaled: bool = False
+    """fp16 with a loss scaler: the scaler skips non-finite steps itself (they are counted here)."""
+    halted: torch.Tensor = field(init=False)
+    """on_nonfinite=error: a step was non-finite, and every update since is skipped."""
+    first_bad: torch.Tensor = field(init=False)
+    """(step, phase index, 1 if the loss was finite: backward failed) of the first non-finite step."""
+    skipped: torch.Tensor = field(init=False)
+    norm_range: torch.Tensor = field(init=False)
+    loss_sums: dict[int, torch.Tensor] = field(init=False)
+    counts: dict[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.halted = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.first_bad = torch.zeros(3, dtype=torch.long, device=self.device)
+        self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        """Start a new log window: loss means and the gradient-norm range are over a window."""
+        self.norm_range = torch.tensor([math.inf, 0.0], device=self.device)
+        self.loss_sums, self.counts = {}, {}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, so a resumed stage logs the same figures as an uninterrupted one."""
+        window = {"loss_sums": self.loss_sums, "counts": self.counts, "norm_range": self.norm_range}
+        return {"skipped": self.skipped, "first_bad": self.first_bad, "halted": self.halted} | window
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value.to(self.device) if isinstance(value, torch.Tensor) else value)
+        self.loss_sums = {p: v.to(self.device) for p, v in self.loss_sums.items()}
+
+    def record(self, loss: torch.Tensor, norm: torch.Tensor, step: int, phase: int) -> torch.Tensor:
+        """Book one phase's loss and gradient norm; returns the found_inf flag for its update."""
+        loss_ok, norm_ok = torch.isfinite(loss), torch.isfinite(norm)
+        bad = ~(loss_ok & norm_ok)
+        first = bad & (self.first_bad[0] == 0)
+        here = torch.stack(
+            [
+                torch.full_like(loss_ok, step, dtype=torch.long),
+                torch.full_like(loss_ok, phase, dtype=torch.long),
+                loss_ok.long(),
+            ]
+        )
+        self.first_bad = torch.where(first, here, self.first_bad)
+        self.skipped += bad.long()
+        self.loss_sums[phase] = self.loss_sums.get(phase, 0.0) + torch.where(
+            loss_ok, loss.detach().float(), 0.0
+        )
+        self.counts[phase] = self.counts.get(phase, 0) + 1
+        norm = norm.detach().float()
+        low = torch.where(norm_ok, torch.minimum(self.norm_range[0], norm), self.norm_range[0])
+        high = torch.where(norm_ok, torch.maximum(self.norm_range[1], norm), self.norm_range[1])
+        self.norm_range = torch.stack([low, high])
+        if self.on_nonfinite == "error" and not self.scaled:
+            self.halted = self.halted | bad  # the weights stay at the last good state until the read
+            return self.halted.float()
+        return bad.float()
+
+    def read(self) -> Readout:
+        """The window's figures on the host (the one device read of a log window)."""
+        phases = sorted(self.loss_sums)
+        means = [self.loss_sums[p] / self.counts[p] for p in phases]
+        rest = [self.norm_range, self.first_bad.float(), self.skipped.float()[None]]
+        values = (
+            torch.cat([torch.stack(means).float().flatten(), *rest]).tolist()
+            if means
+            else torch.cat(rest).tolist()
+        )
+        losses = dict(zip(phases, values[: len(phases)]))
+        low, high, step, phase, loss_ok, skipped = values[len(phases) :]
+        stops = self.on_nonfinite == "error" and not self.scaled
+        return Readout(
+            losses=losses,
+            grad_norm=(low, high) if high >= low else None,
+            skipped=int(skipped),
+            failed=(int(step), int(phase), bool(loss_ok)) if stops and step else None,
+        )
+
+
+@dataclass
+class Readout:
+    """What StepGuard.read() found."""
+
+    losses: dict[int, float]
+    """Mean loss per phase over the window (steps whose loss was non-finite count as 0)."""
+    grad_norm: tuple[float, float] | None
+    """(min, max) of the finite gradient norms of the window, before clipping."""
+    skipped: int
+    """Non-finite steps so far (skipped updates)."""
+    failed: tuple[int, int, bool] | None
+    """(step, phase, loss was finite) of the first non-finite step, when on_nonfinite=error."""
+
+
+class TrainStep:
+    """Forward/backward of global batches and guarded updates, for one stage's wrapped model."""
+
+    def __init__(self, engine, model: nn.Module, stage: str, on_nonfinite: str = "error"):
+        self.engine, self.model, self.stage = engine, model, stage
+        self.guard = StepGuard(engine.device, on_nonfinite, scaled=engine.accelerator.scaler is not None)
+
+    def forward_backward(self, batch: Collated) -> torch.Tensor:
+        """Forward and backward over this process's micro-batches; returns the global mean loss per
+        answer token (a device tensor). Gradients accumulate in .grad."""
+        scale = self.engine.num_processes / batch.total_tokens  # DDP averages over processes
+        loss_sum = torch.zeros((), device=self.engine.device)
+        accelerator = self.engine.accelerator
+        for index, micro in enumerate(batch.micro_batches):
+            micro = micro.to(self.engine.device)
+            last = index == len(batch.micro_batches) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
+                summed = self.model(**micro.model_inputs()) * micro.weight
+                accelerator.backward(summed * scale)
+            loss_sum += summed.detach().float()
+        if self.engine.num_processes > 1:
+            loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+        self.engine.padding.add(
+            sum(m.real_tokens for m in batch.micro_batches),
+            sum(m.input_ids.numel() for m in batch.micro_batches if m.weight),
+        )
+        return loss_sum / batch.total_tokens
+
+    def update(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        loss: torch.Tensor,
+        max_grad_norm: float,
+        step: int,
+        phase: int = 0,
+    ) -> None:
+        """Clip, then step `optimizer` unless the loss or the gradient norm is non-finite (decided
+        on the device through the fused optimizer's found_inf)."""
+        norm = self.engine.accelerator.clip_grad_norm_(
+            params, max_grad_norm if max_grad_norm > 0 else math.inf
+        )
+        found_inf = self.guard.record(loss, torch.as_tensor(norm, device=self.engine.device), step, phase)
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        if not self.guard.scaled:
+            inner.found_inf = found_inf
+        optimizer.step()
+        if not self.guard.scaled:
+            del inner.found_inf
+
+    def check(self, step: int, replay) -> Readout:
+        """Read the guard; on a non-finite step under on_nonfinite=error, replay its batch to find the
+        first non-finite module and stop the stage. `replay(step, phase)` returns that description."""
+        readout = self.guard.read()
+        if readout.failed is None:
+            return readout
+        bad_step, phase, loss_ok = readout.failed
+        part = "backward" if loss_ok else "forward"
+        where = replay(bad_step, phase)
+        raise NonFiniteError(
+            f"{self.stage}: non-finite {'gradient' if loss_ok else 'loss'} at step {bad_step} "
+            f"({PHASES[phase]}, {part}); {where}; no update was applied from step {bad_step} on"
+        )
+
+
+class NonFiniteError(TrainingError):
+    """A non-finite loss or gradient under on_nonfinite=error; the stage adds how to resume."""
+
+
+# -- finding where a non-finite value first appears -------------------------------------------
+
+
+def locate_nonfinite(engine, model: nn.Module, batch: Collated) -> str:
+    """Replay `batch` through the wrapped `model` with finiteness hooks on every module; returns
+    "first non-finite ..." naming the first module whose output (forward, in execution order) or
+    output gradient (backward, in backward order) was non-finite, or the first parameter gradient.
+    Gradients it leaves are dropped."""
+    inner = engine.unwrap(model)
+    found: list[str] = []
+    handles = []
+
+    def finite(value) -> bool:
+        tensors = [value] if isinstance(value, torch.Tensor) else [
+            v for v in (value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else [])
+            if isinstance(v, torch.Tensor)
+        ]  # fmt: skip
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+    def watch(name: str, module: nn.Module) -> None:
+        def on_output(_module, _inputs, output):
+            if not found and not finite(output):
+                found.append(f"first non-finite output in {name} ({type(module).__name__})")
+            tensor = output if isinstance(output, torch.Tensor) else next(
+                (o for o in (output if isinstance(output, (tuple, list)) else []) if isinstance(o, torch.Tensor)), None
+            )  # fmt: skip
+            if tensor is not None and tensor.requires_grad:
+                tensor.register_hook(lambda grad: on_grad(grad))
+
+        def on_grad(grad):
+            if not found and not bool(torch.isfinite(grad).all()):
+                found.append(f"first non-finite output gradient in {name} ({type(module).__name__})")
+
+        handles.append(module.register_forward_hook(on_output))
+
+    for name, module in inner.named_modules():
+        if name:
+            watch(name.removeprefix("lm.base_model.model."), module)
+    try:
+        with engine.accelerator.no_sync(model):
+            loss = sum(model(**m.to(engine.device).model_inputs()) * m.weight for m in batch.micro_batches)
+            if not found and torch.isfinite(loss):
+                loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not found:
+        bad = [
+            n for n, p in inner.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
+        found.append(
+            f"first non-finite parameter gradient: {bad[0]}"
+            if bad
+            else "the replay of that batch was finite (a non-deterministic kernel?)"
+        )
+    for p in inner.parameters():
+        p.grad = None
+    return found[0]
