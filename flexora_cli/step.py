@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -279,15 +280,11 @@ def block_causal_mask(
     sequence_ids: torch.Tensor, dtype: torch.dtype | None, window: int | None = None
 ) -> torch.Tensor:
     """[packs, 1, width, width] mask for packed rows: a token sees the earlier tokens of its own
-    row (within `window` when the model has a sliding window). bool for SDPA; additive in
-    `dtype` for eager attention (dtype given). Every query row allows at least itself."""
-    width = sequence_ids.shape[1]
-    position = torch.arange(width, device=sequence_ids.device)
-    allowed = (sequence_ids[:, :, None] == sequence_ids[:, None, :]) & (
-        position[:, None] >= position[None, :]
-    )
+    row (within `window` when the model has a sliding window): additive in `dtype`, or bool for
+    dtype None. Every query row allows at least itself."""
+    allowed = (sequence_ids[:, :, None] == sequence_ids[:, None, :]).tril()
     if window:
-        allowed &= position[:, None] - position[None, :] < window
+        allowed = allowed.triu(1 - window)
     allowed = allowed[:, None]
     if dtype is None:
         return allowed
@@ -307,9 +304,9 @@ class AnswerLM(nn.Module):
         self.packed = packs_rows(causal)
         config = causal.config
         implementation = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-        self._mask_dtype = None  # SDPA takes a bool mask
-        if implementation == "eager":
-            self._mask_dtype = next(p.dtype for p in causal.parameters() if p.is_floating_point())
+        # An additive mask in the model's dtype, built once per forward: eager attention needs one,
+        # and SDPA would otherwise convert a bool mask in every layer.
+        self._mask_dtype = next(p.dtype for p in causal.parameters() if p.is_floating_point())
         self._builds_mask = "flash" not in implementation  # flash-attention reads packed position_ids
         self._window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self._keeps_logits = accepts_logits_to_keep(causal)
@@ -351,94 +348,76 @@ class AnswerLM(nn.Module):
 # -- the step ------------------------------------------------------------------------------------
 
 
-@dataclass
 class StepGuard:
-    """On-device bookkeeping of a stage's updates: loss sums, gradient norms, non-finite steps.
+    """On-device bookkeeping of a stage's updates: losses, gradient norms, non-finite steps.
 
-    Nothing here reads the device; `read()` does, at log and checkpoint steps.
+    `record` launches a handful of device ops and reads nothing; `read()` reads the whole log
+    window at once, at log and checkpoint steps. The window travels in checkpoints, so a
+    resumed stage logs what an uninterrupted one would.
     """
 
-    device: torch.device
-    on_nonfinite: str = "error"
-    """error: stop at the next read, every update since skipped; skip: skip the step and count it."""
-    scaled: bool = False
-    """fp16 with a loss scaler: the scaler skips non-finite steps itself (they are counted here)."""
-    halted: torch.Tensor = field(init=False)
-    """on_nonfinite=error: a step was non-finite, and every update since is skipped."""
-    first_bad: torch.Tensor = field(init=False)
-    """(step, phase index, 1 if the loss was finite: backward failed) of the first non-finite step."""
-    skipped: torch.Tensor = field(init=False)
-    norm_range: torch.Tensor = field(init=False)
-    loss_sums: dict[int, torch.Tensor] = field(init=False)
-    counts: dict[int, int] = field(init=False)
+    def __init__(self, device: torch.device, on_nonfinite: str = "error", scaled: bool = False):
+        self.device = device
+        self.on_nonfinite = on_nonfinite
+        """error: stop at the next read, every update since skipped; skip: skip such steps, count them."""
+        self.scaled = scaled
+        """fp16 with a loss scaler: the scaler skips non-finite steps itself (counted here)."""
+        self.halted = torch.zeros((), device=device)
+        """1.0 once a step was non-finite under on_nonfinite=error: every later update is skipped."""
+        self.skipped = 0
+        self.window: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        """(step, phase, loss, gradient norm) of each update since the last log step."""
 
-    def __post_init__(self) -> None:
-        self.halted = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.first_bad = torch.zeros(3, dtype=torch.long, device=self.device)
-        self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
-        self.reset_window()
-
-    def reset_window(self) -> None:
-        """Start a new log window: loss means and the gradient-norm range are over a window."""
-        self.norm_range = torch.tensor([math.inf, 0.0], device=self.device)
-        self.loss_sums, self.counts = {}, {}
-
-    def state_dict(self) -> dict:
-        """What a checkpoint keeps, so a resumed stage logs the same figures as an uninterrupted one."""
-        window = {"loss_sums": self.loss_sums, "counts": self.counts, "norm_range": self.norm_range}
-        return {"skipped": self.skipped, "first_bad": self.first_bad, "halted": self.halted} | window
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value.to(self.device) if isinstance(value, torch.Tensor) else value)
-        self.loss_sums = {p: v.to(self.device) for p, v in self.loss_sums.items()}
+    @property
+    def stops(self) -> bool:
+        return self.on_nonfinite == "error" and not self.scaled
 
     def record(self, loss: torch.Tensor, norm: torch.Tensor, step: int, phase: int) -> torch.Tensor:
         """Book one phase's loss and gradient norm; returns the found_inf flag for its update."""
-        loss_ok, norm_ok = torch.isfinite(loss), torch.isfinite(norm)
-        bad = ~(loss_ok & norm_ok)
-        first = bad & (self.first_bad[0] == 0)
-        here = torch.stack(
-            [
-                torch.full_like(loss_ok, step, dtype=torch.long),
-                torch.full_like(loss_ok, phase, dtype=torch.long),
-                loss_ok.long(),
-            ]
-        )
-        self.first_bad = torch.where(first, here, self.first_bad)
-        self.skipped += bad.long()
-        self.loss_sums[phase] = self.loss_sums.get(phase, 0.0) + torch.where(
-            loss_ok, loss.detach().float(), 0.0
-        )
-        self.counts[phase] = self.counts.get(phase, 0) + 1
-        norm = norm.detach().float()
-        low = torch.where(norm_ok, torch.minimum(self.norm_range[0], norm), self.norm_range[0])
-        high = torch.where(norm_ok, torch.maximum(self.norm_range[1], norm), self.norm_range[1])
-        self.norm_range = torch.stack([low, high])
-        if self.on_nonfinite == "error" and not self.scaled:
-            self.halted = self.halted | bad  # the weights stay at the last good state until the read
-            return self.halted.float()
-        return bad.float()
+        loss, norm = loss.detach().float(), norm.detach().float()
+        self.window.append((step, phase, loss, norm))
+        # 0·x is 0 for a finite x and NaN for inf or NaN: 1.0 marks a non-finite loss or norm
+        bad = ((loss + norm) * 0).nan_to_num(1.0)
+        if self.stops:  # the weights stay at the last good state until the read
+            self.halted = torch.maximum(self.halted, bad)
+            return self.halted
+        return bad
 
-    def read(self) -> Readout:
-        """The window's figures on the host (the one device read of a log window)."""
-        phases = sorted(self.loss_sums)
-        means = [self.loss_sums[p] / self.counts[p] for p in phases]
-        rest = [self.norm_range, self.first_bad.float(), self.skipped.float()[None]]
+    def read(self, reset: bool = False) -> Readout:
+        """The window's figures on the host: one device read. `reset` starts a new window."""
+        steps = [(step, phase) for step, phase, _, _ in self.window]
         values = (
-            torch.cat([torch.stack(means).float().flatten(), *rest]).tolist()
-            if means
-            else torch.cat(rest).tolist()
+            torch.stack([t for _, _, loss, norm in self.window for t in (loss, norm)]).tolist()
+            if steps
+            else []
         )
-        losses = dict(zip(phases, values[: len(phases)]))
-        low, high, step, phase, loss_ok, skipped = values[len(phases) :]
-        stops = self.on_nonfinite == "error" and not self.scaled
+        losses, norms = values[0::2], values[1::2]
+        bad = [i for i, (loss, norm) in enumerate(zip(losses, norms)) if not math.isfinite(loss + norm)]
+        self.skipped += len(bad)
+        if reset or bad:
+            self.window = []
+        mean = {
+            phase: statistics.fmean(v for (_, p), v in zip(steps, losses) if p == phase and math.isfinite(v))
+            for phase in sorted({p for _, p in steps})
+            if any(p == phase and math.isfinite(v) for (_, p), v in zip(steps, losses))
+        }
+        finite_norms = [n for n in norms if math.isfinite(n)]
+        first = steps[bad[0]] + (math.isfinite(losses[bad[0]]),) if bad else None
         return Readout(
-            losses=losses,
-            grad_norm=(low, high) if high >= low else None,
-            skipped=int(skipped),
-            failed=(int(step), int(phase), bool(loss_ok)) if stops and step else None,
+            losses=mean,
+            grad_norm=(min(finite_norms), max(finite_norms)) if finite_norms else None,
+            skipped=self.skipped,
+            failed=first if self.stops else None,
         )
+
+    def state_dict(self) -> dict:
+        return {"halted": self.halted, "skipped": self.skipped, "window": self.window}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.halted, self.skipped = state["halted"].to(self.device), state["skipped"]
+        self.window = [
+            (s, p, loss.to(self.device), norm.to(self.device)) for s, p, loss, norm in state["window"]
+        ]
 
 
 @dataclass
@@ -466,22 +445,24 @@ class TrainStep:
         """Forward and backward over this process's micro-batches; returns the global mean loss per
         answer token (a device tensor). Gradients accumulate in .grad."""
         scale = self.engine.num_processes / batch.total_tokens  # DDP averages over processes
-        loss_sum = torch.zeros((), device=self.engine.device)
         accelerator = self.engine.accelerator
+        losses = []
         for index, micro in enumerate(batch.micro_batches):
             micro = micro.to(self.engine.device)
             last = index == len(batch.micro_batches) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
-                summed = self.model(**micro.model_inputs()) * micro.weight
-                accelerator.backward(summed * scale)
-            loss_sum += summed.detach().float()
+                scaled = self.model(**micro.model_inputs()) * (scale * micro.weight)
+                accelerator.backward(scaled)
+            losses.append(scaled.detach())
+        # Σ over micro-batches (and processes) of N·(summed loss)/tokens, ÷ N: the mean per token.
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         if self.engine.num_processes > 1:
-            loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+            loss = accelerator.reduce(loss, reduction="sum") / self.engine.num_processes
         self.engine.padding.add(
             sum(m.real_tokens for m in batch.micro_batches),
             sum(m.input_ids.numel() for m in batch.micro_batches if m.weight),
         )
-        return loss_sum / batch.total_tokens
+        return loss
 
     def update(
         self,
@@ -494,10 +475,9 @@ class TrainStep:
     ) -> None:
         """Clip, then step `optimizer` unless the loss or the gradient norm is non-finite (decided
         on the device through the fused optimizer's found_inf)."""
-        norm = self.engine.accelerator.clip_grad_norm_(
-            params, max_grad_norm if max_grad_norm > 0 else math.inf
-        )
-        found_inf = self.guard.record(loss, torch.as_tensor(norm, device=self.engine.device), step, phase)
+        clip_to = max_grad_norm if max_grad_norm > 0 else math.inf
+        norm = self.engine.accelerator.clip_grad_norm_(params, clip_to)
+        found_inf = self.guard.record(loss, norm, step, phase)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
         if not self.guard.scaled:
             inner.found_inf = found_inf
@@ -505,10 +485,11 @@ class TrainStep:
         if not self.guard.scaled:
             del inner.found_inf
 
-    def check(self, step: int, replay) -> Readout:
-        """Read the guard; on a non-finite step under on_nonfinite=error, replay its batch to find the
-        first non-finite module and stop the stage. `replay(step, phase)` returns that description."""
-        readout = self.guard.read()
+    def check(self, replay, new_window: bool = True) -> Readout:
+        """Read the guard (`new_window`: and start a new log window); on a non-finite step under
+        on_nonfinite=error, replay its batch to find the first non-finite module and stop the
+        stage. `replay(step, phase)` returns that description."""
+        readout = self.guard.read(reset=new_window)
         if readout.failed is None:
             return readout
         bad_step, phase, loss_ok = readout.failed

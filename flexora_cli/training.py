@@ -81,20 +81,19 @@ class TrainingLoop:
                 requested = self.checkpoints.stop_requested(stop)
                 logging = self.step % log_every == 0 or self.step == total_steps
                 if logging or requested or self.checkpoints.due(self.step):
-                    readout = self._read(lambda step, phase: phase_batch(recent[step], phase))
+                    readout = self._read(lambda step, phase: phase_batch(recent[step], phase), logging)
                     recent.clear()
                     if logging:
                         info = on_log(self.step, readout)
-                        self.train_step.guard.reset_window()
                 bar.update(0, advance=1, info=info)
                 self.checkpoints.after_step(self.step, self.history, stop, requested)
 
-    def _read(self, batch_of: Callable[[int, int], Any]) -> Readout:
+    def _read(self, batch_of: Callable[[int, int], Any], new_window: bool) -> Readout:
         def replay(step: int, phase: int) -> str:
             return locate_nonfinite(self.engine, self.model, batch_of(step, phase))
 
         try:
-            return self.train_step.check(self.step, replay)
+            return self.train_step.check(replay, new_window)
         except NonFiniteError as exc:
             latest = self.checkpoints.latest()
             resume = (

@@ -124,7 +124,7 @@ class OpCounter(TorchDispatchMode):
         return super().__exit__(*exc_info)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (func.is_view or torch.Tag.view_copy in func.tags or func.overloadpacket in _SHAPE_ONLY):
+        if not (func.is_view or func.overloadpacket in _SHAPE_ONLY or func.namespace == "profiler"):
             if self._in_optimizer:
                 phase = "optimizer"
             elif torch._C._current_autograd_node() is not None:
@@ -135,4 +135,28 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-_SHAPE_ONLY = {torch.ops.aten.detach, torch.ops.aten.alias, torch.ops.aten.lift_fresh}
+_SHAPE_ONLY = {
+    torch.ops.aten.detach,
+    torch.ops.aten.alias,
+    torch.ops.aten.lift_fresh,
+    torch.ops.aten._unsafe_view,
+}
+"""Ops that launch no kernel (metadata only), besides the view ops (OpOverload.is_view)."""
+
+
+class VocabTensors(TorchDispatchMode):
+    """Records the shape of every tensor an op creates (views excluded) whose last dimension is
+    `vocab`: logits. Run on meta tensors, a step at 8B dimensions allocates nothing."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor) and tensor.ndim and tensor.shape[-1] == self.vocab:
+                    self.shapes.add(tuple(tensor.shape))
+        return out

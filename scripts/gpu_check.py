@@ -1,0 +1,395 @@
+"""The GPU checks in one command: a Llama-3-8B-shaped search and finetune run to the end, the
+training benchmark against PEFT + Trainer, and the `gpu` tests. Writes report.json and report.md
+to --out after every part, so a run cut short still reports what it finished.
+
+    python3 scripts/gpu_check.py --out DIR                     # on one H100/H200 (≤ 8 min)
+    python3 scripts/gpu_check.py --out DIR --device cpu --tiny # the same code paths on a CPU
+
+Parts (--parts, in this order by default):
+  scale  a random-init model of Llama-3-8B's shape in bf16 (hidden 4096, 32 layers, MLP 14336,
+         32/8 heads, vocabulary 128256; built from a config on the device, no download) through
+         --search-steps search steps at batch 4 with ragged rows of 64–512 tokens, then
+         --finetune-steps finetune steps on the top half of the layers; the same objects the
+         stages use (stages/search.AlternatingStep, step.TrainStep). Reports finite steps, the
+         gradient-norm range, skipped steps, s/step, peak memory, the attention tripwire over
+         one step, host syncs over three (HostSyncCounter and CUDA's sync debug mode), and
+         the GPU's busy share of three steps (torch.profiler).
+  bench  scripts/bench_train.py on a Llama-3.2-1B shape: ours vs PEFT + Trainer at batch 8
+         (64–256 tokens) and batch 32 (256–1024 tokens); 4N-MFU; OOM is a result.
+  tests  pytest -m gpu tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {
+    "8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    ),
+}  # fmt: skip
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the same code paths")
+    parser.add_argument("--parts", default="scale,bench,tests")
+    parser.add_argument("--search-steps", type=int, default=300)
+    parser.add_argument("--finetune-steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--min-len", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--part-timeout", type=int, default=240, help="seconds for each subprocess part")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(args)}
+    parts = {"scale": scale_check, "bench": bench, "tests": gpu_tests}
+    for name in args.parts.split(","):
+        started = time.perf_counter()
+        try:
+            report[name] = parts[name](args, out)
+        except Exception:  # a part that breaks is a result; the next part still runs
+            report[name] = {"error": traceback.format_exc()[-3000:]}
+        report[name]["part_seconds"] = round(time.perf_counter() - started, 1)
+        write(out, report)
+        print(f"== {name}: {json.dumps(report[name])[:3000]}", flush=True)
+
+
+def machine(args) -> dict:
+    import transformers
+
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# -- scale: the 8B-shaped search and finetune ----------------------------------------------------
+
+
+def scale_check(args, out: Path) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flexora_cli.engine import Engine
+    from flexora_cli.settings import LoraSettings, ModelSettings, Settings
+
+    device = torch.device(args.device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    settings = Settings(
+        model=ModelSettings(name_or_path="random-llama-3-8b-shape"),
+        lora=LoraSettings(r=8, alpha=16, dropout=0.05),
+        device=args.device,
+        precision=precision,
+    )
+    engine = Engine(settings)
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES["tiny" if args.tiny else "8b"])
+    with torch.device(device):
+        base = LlamaForCausalLM._from_config(
+            config, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
+        )
+    base.requires_grad_(False).eval()
+    result = {"shape": "tiny" if args.tiny else "8b", "parameters": sum(p.numel() for p in base.parameters())}
+    result["search"] = run_search(args, settings, engine, base)
+    result["finetune"] = run_finetune(args, settings, engine, result["search"].pop("model"))
+    return result
+
+
+def synthetic_rows(args, vocab: int, count: int, seed: int) -> list[dict]:
+    """Ragged rows (hellaswag-like): a context of min-len..max-len tokens, then 1–8 answer tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        length = int(torch.randint(args.min_len, args.max_len + 1, (1,), generator=generator))
+        answer = int(torch.randint(1, 9, (1,), generator=generator))
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (length - answer) + ids[length - answer :]})
+    return rows
+
+
+def run_search(args, settings, engine, base) -> dict:
+    from flexora_cli.stages import collator
+    from flexora_cli.stages.search import AlternatingStep, gated_lora_model
+    from flexora_cli.step import TrainStep, adamw_with_schedule, trainable_parameters
+
+    steps = args.search_steps
+    model, gates = gated_lora_model(base, settings)
+    lora = trainable_parameters(model.lm)
+    optimizer, schedule = adamw_with_schedule(lora, 1e-4, 0.0, "cosine", 0.03, steps)
+    alpha_optimizer = torch.optim.Adam(gates.parameters(), lr=0.01, fused=True)
+    collate = collator(settings, engine, model, 0, 1)
+    model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
+    train_step = TrainStep(engine, model, "search")
+    one_step = AlternatingStep(
+        train_step, (optimizer, schedule, alpha_optimizer), lora, gates, settings.search
+    )
+    vocab = base.config.vocab_size
+    train = synthetic_rows(args, vocab, steps * args.batch_size, 1)
+    val = synthetic_rows(args, vocab, steps * args.batch_size, 2)
+
+    def batch(step: int):
+        rows = slice((step - 1) * args.batch_size, step * args.batch_size)
+        return collate(train[rows]), collate(val[rows])
+
+    model.train()
+    result = train_loop(args, engine, train_step, model, one_step, batch, steps, phases=2)
+    result |= {"alpha_hat": [round(a, 5) for a in gates.alpha_hat.tolist()], "model": engine.unwrap(model)}
+    return result
+
+
+def run_finetune(args, settings, engine, searched) -> dict:
+    from flexora_cli.modeling import attach_lora
+    from flexora_cli.stages import collator
+    from flexora_cli.step import AnswerLM, TrainStep, adamw_with_schedule, trainable_parameters
+
+    steps = args.finetune_steps
+    base = searched.lm.unload()  # the frozen base again, without the search's LoRA and gates
+    layers = base.config.num_hidden_layers
+    model = AnswerLM(attach_lora(base, settings.model, settings.lora, list(range(layers // 2, layers))))
+    lora = trainable_parameters(model)
+    optimizer, schedule = adamw_with_schedule(lora, 1e-4, 0.0, "cosine", 0.03, steps)
+    collate = collator(settings, engine, model, 0, 1)
+    model, optimizer = engine.prepare(model, optimizer)
+    train_step = TrainStep(engine, model, "finetune")
+    rows = synthetic_rows(args, base.config.vocab_size, steps * args.batch_size, 3)
+
+    def one_step(step: int, batch) -> None:
+        loss = train_step.forward_backward(batch)
+        train_step.update(optimizer, lora, loss, settings.finetune.max_grad_norm, step)
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def batch(step: int):
+        return collate(rows[(step - 1) * args.batch_size : step * args.batch_size])
+
+    model.train()
+    return train_loop(args, engine, train_step, model, one_step, batch, steps, phases=1)
+
+
+def train_loop(args, engine, train_step, model, one_step, batch, steps: int, phases: int) -> dict:
+    """Run `steps` steps with the instruments on steps 1–4 and the profiler on 6–8; read the
+    guard every 10 steps, as the stages' log steps do."""
+    from flexora_cli.step import NonFiniteError, locate_nonfinite
+    from flexora_cli.tripwires import AttentionTripwire, HostSyncCounter
+
+    cuda = engine.device.type == "cuda"
+    result = {"steps_run": 0, "losses": [], "grad_norm": [math.inf, 0.0], "skipped": 0}
+    batches: dict[int, object] = {}
+    timer_from, started = min(10, steps), None
+    step = 0
+    while step < steps:
+        step += 1
+        batches[step] = batch(step)
+        if step == 1:
+            with AttentionTripwire() as wire:
+                one_step(step, batches[step])
+            result["tripwire"] = {"attention_calls": wire.calls, "violations": wire.violations[:5]}
+        elif step in (2, 3, 4):
+            with HostSyncCounter(engine.device) as syncs, cuda_sync_warnings(cuda) as cuda_warnings:
+                one_step(step, batches[step])
+            result.setdefault("host_syncs", []).append(syncs.counts)
+            result.setdefault("cuda_sync_warnings", []).extend(cuda_warnings)
+        elif step == 6 and cuda and steps >= 8:
+            profiled = range(6, 9)
+            batches.update({s: batch(s) for s in profiled})
+            try:  # the profiler is an instrument: its failure must not cost the run
+                result["gpu_busy_share"] = profile(lambda s: one_step(s, batches[s]), profiled)
+            except Exception as exc:
+                result["gpu_busy_share"] = f"profiler failed: {exc!r}"[:300]
+                for again in profiled:
+                    one_step(again, batches[again])
+            step = profiled[-1]
+        else:
+            one_step(step, batches[step])
+        if step == timer_from:
+            synchronize(cuda)
+            started = time.perf_counter()
+        result["steps_run"] = step
+        if step % 10 == 0 or step == steps:
+            try:
+                readout = train_step.check(
+                    step, lambda s, phase: locate_nonfinite(engine, model, pick(batches[s], phase))
+                )
+            except NonFiniteError as exc:
+                result["nonfinite"] = str(exc)
+                break
+            result["losses"].append(
+                {"step": step, **{str(p): round(v, 4) for p, v in readout.losses.items()}}
+            )
+            if readout.grad_norm:
+                low, high = readout.grad_norm
+                result["grad_norm"] = [min(result["grad_norm"][0], low), max(result["grad_norm"][1], high)]
+            result["skipped"] = readout.skipped
+            batches.clear()
+    synchronize(cuda)
+    timed = result["steps_run"] - timer_from
+    if started and timed > 0:
+        result["seconds_per_step"] = round((time.perf_counter() - started) / timed, 4)
+    if cuda:
+        result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    result["all_finite"] = "nonfinite" not in result and all(
+        math.isfinite(v) for entry in result["losses"] for k, v in entry.items() if k != "step"
+    )
+    return result
+
+
+def pick(batch, phase: int):
+    return batch[phase] if isinstance(batch, tuple) else batch
+
+
+def synchronize(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def cuda_sync_warnings(cuda: bool):
+    """The warnings of CUDA's sync debug mode ("warn") raised inside the block, as text."""
+    caught: list[str] = []
+    if not cuda:
+        yield caught
+        return
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    caught += [str(r.message)[:200] for r in records if "synchroniz" in str(r.message)]
+
+
+def profile(one_step, steps) -> float:
+    """Share of the wall time of `steps` during which the GPU ran kernels (1 − idle share)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for step in steps:
+            one_step(step)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = merged_length([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e6
+    return round(busy / wall, 3) if wall else 0.0
+
+
+def merged_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+# -- bench and tests: subprocesses ------------------------------------------------------------
+
+
+def bench(args, out: Path) -> dict:
+    size = "micro" if args.tiny else "1b"
+    runs = {
+        "batch8": [
+            "--batch-size",
+            "8",
+            "--min-len",
+            "64",
+            "--max-len",
+            "256",
+            "--variants",
+            "lora_all,search,trainer",
+        ],
+        "batch32": [
+            "--batch-size",
+            "32",
+            "--min-len",
+            "256",
+            "--max-len",
+            "1024",
+            "--variants",
+            "lora_all,trainer",
+        ],
+    }
+    results = {}
+    for name, extra in runs.items():
+        path = out / f"bench_{name}.json"
+        steps = ["--steps", "2", "--warmup", "2"] if args.tiny else ["--steps", "10", "--warmup", "3"]
+        command = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--device", args.device]
+        command += ["--size", size, *steps, *extra, "--json", str(path)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.part_timeout, cwd=ROOT)
+        results[name] = json.loads(path.read_text()) if path.exists() else {"error": done.stderr[-2000:]}
+        results[name]["printed"] = done.stdout[-2500:]
+    return results
+
+
+def gpu_tests(args, out: Path) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "gpu",
+        "tests/test_gpu.py",
+        "-p",
+        "no:cacheprovider",
+    ]
+    env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=args.part_timeout, cwd=ROOT, env=env
+    )
+    return {"exit_code": done.returncode, "tail": (done.stdout + done.stderr)[-1500:]}
+
+
+def write(out: Path, report: dict) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    lines = [f"# gpu_check {report['date']}", "", f"machine: {json.dumps(report['machine'])}", ""]
+    for part in ("scale", "bench", "tests"):
+        if part in report:
+            lines += [
+                f"## {part}",
+                "",
+                "```json",
+                json.dumps(report[part], indent=1, default=str)[:6000],
+                "```",
+                "",
+            ]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

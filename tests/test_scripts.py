@@ -1,0 +1,44 @@
+"""The GPU check and the training benchmark run end to end on a CPU (a dry run of the code paths
+a GPU machine runs), and report what their targets count."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def script(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    script("scripts/gpu_check.py", "--out", str(tmp_path), "--device", "cpu", "--tiny", "--parts", "scale,bench",
+           "--search-steps", "12", "--finetune-steps", "12")  # fmt: skip
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (tmp_path / "report.md").read_text().startswith("# gpu_check")
+    for stage in ("search", "finetune"):
+        result = report["scale"][stage]
+        assert result["all_finite"] and result["steps_run"] == 12 and result["skipped"] == 0, result
+        assert result["tripwire"]["attention_calls"] > 0 and not result["tripwire"]["violations"]
+        assert result["host_syncs"] == [{}, {}, {}]
+        assert 0 < result["grad_norm"][0] <= result["grad_norm"][1]
+    for run in ("batch8", "batch32"):
+        results = report["bench"][run]["results"]
+        assert results["lora_all"]["syncs"] == 0 and results["trainer"]["tokens_per_s"] > 0
+    assert report["bench"]["batch8"]["results"]["search"]["syncs"] == 0
+
+
+def test_no_context_logits_at_8b_dimensions():
+    """Traced on meta tensors: our step's only [.., vocab] tensor holds the answer tokens."""
+    done = script(
+        "scripts/bench_train.py", "--trace-8b", "--batch-size", "8", "--min-len", "256", "--max-len", "1024"
+    )
+    ours, plain = (line for line in done.stdout.splitlines() if line.startswith("| "))
+    assert "[(8, 128256)]" in ours  # 8 one-token answers
+    assert "(8, 1024, 128256)" in plain or "1024, 128256)" in plain
