@@ -65,7 +65,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--min-len", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--part-timeout", type=int, default=240, help="seconds for each subprocess part")
+    parser.add_argument("--part-timeout", type=int, default=240, help="seconds for each subprocess run")
+    parser.add_argument(
+        "--loop-budget", type=int, default=240, help="seconds after which a scale loop stops early"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +163,7 @@ def run_search(args, settings, engine, base) -> dict:
 
     def batch(step: int):
         rows = slice((step - 1) * args.batch_size, step * args.batch_size)
-        return collate(train[rows]), collate(val[rows])
+        return pinned(engine, collate(train[rows])), pinned(engine, collate(val[rows]))
 
     model.train()
     result = train_loop(args, engine, train_step, model, one_step, batch, steps, phases=2)
@@ -191,7 +194,7 @@ def run_finetune(args, settings, engine, searched) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     def batch(step: int):
-        return collate(rows[(step - 1) * args.batch_size : step * args.batch_size])
+        return pinned(engine, collate(rows[(step - 1) * args.batch_size : step * args.batch_size]))
 
     model.train()
     return train_loop(args, engine, train_step, model, one_step, batch, steps, phases=1)
@@ -207,8 +210,11 @@ def train_loop(args, engine, train_step, model, one_step, batch, steps: int, pha
     result = {"steps_run": 0, "losses": [], "grad_norm": [math.inf, 0.0], "skipped": 0}
     batches: dict[int, object] = {}
     timer_from, started = min(10, steps), None
-    step = 0
+    step, deadline = 0, time.monotonic() + args.loop_budget
     while step < steps:
+        if time.monotonic() > deadline:
+            result["stopped_early"] = f"--loop-budget {args.loop_budget}s reached"
+            break
         step += 1
         batches[step] = batch(step)
         if step == 1:
@@ -262,6 +268,11 @@ def train_loop(args, engine, train_step, model, one_step, batch, steps: int, pha
         math.isfinite(v) for entry in result["losses"] for k, v in entry.items() if k != "step"
     )
     return result
+
+
+def pinned(engine, batch):
+    """As the stages' DataLoader hands batches over on CUDA: in pinned memory."""
+    return batch.pin_memory() if engine.device.type == "cuda" else batch
 
 
 def pick(batch, phase: int):
