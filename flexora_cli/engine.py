@@ -75,6 +75,8 @@ class Engine:
                 f"accelerate cannot start with this launch: {reason}; check the `accelerate launch` "
                 f"flags or config file (docs/distributed.md)"
             ) from exc
+        if wanted.type == "cuda":  # process-wide, so activation recomputation in backward obeys it too
+            torch.backends.cuda.enable_cudnn_sdp(settings.cudnn_attention)
         self.padding = PaddingMeter()
 
     @property

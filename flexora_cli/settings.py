@@ -218,6 +218,10 @@ class Settings:
     precision: str = "auto"
     """Mixed precision through accelerate: fp32, bf16 (autocast) or fp16 (autocast and loss
     scaling); auto: bf16 on CUDA, fp32 on CPU. LoRA weights and α̂ stay in float32."""
+    cudnn_attention: bool = False
+    """Let SDPA pick cuDNN's attention kernels on CUDA. Off: training passes an attention mask
+    (packed rows), and with a mask torch 2.11–2.13's cuDNN backward returns NaN gradients at
+    widths % 128 == 64 on Hopper (pytorch#196678); the memory-efficient kernel serves instead."""
     gradient_checkpointing: bool = False
     """Recompute layer activations in backward instead of storing them (less memory, ~30% slower)."""
     group_by_length: bool = True

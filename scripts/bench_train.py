@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--cudnn-attention", action="store_true", help="let SDPA use cuDNN (flexora's setting)"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak, for MFU")
     parser.add_argument("--json", help="also write the results and ratios to this JSON file")
@@ -140,6 +143,7 @@ def measure(args: argparse.Namespace) -> dict:
         device=args.device,
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        cudnn_attention=args.cudnn_attention,
     )
     total = args.warmup + args.steps
     vocab = SIZES[args.size]["vocab_size"]
@@ -159,9 +163,18 @@ def measure(args: argparse.Namespace) -> dict:
     picked = {"lora_all": None, "half_top": range(layers // 2, layers), "half_spread": range(0, layers, 2)}
     one_step, model = training_step(engine, base, settings, variant, picked.get(variant), total)
     collate = collator(settings, engine, model, 0, 1)
+    shapes = set()
+
+    def collated(rows: list[dict]):
+        batch = collate(rows)
+        shapes.update(tuple(m.input_ids.shape) for m in batch.micro_batches)
+        return batch
+
     if variant == "search":
-        return timed(args, lambda i: (collate(batches[i]), collate(val_batches[i])), one_step, batches)
-    return timed(args, lambda i: collate(batches[i]), one_step, batches)
+        result = timed(args, lambda i: (collated(batches[i]), collated(val_batches[i])), one_step, batches)
+    else:
+        result = timed(args, lambda i: collated(batches[i]), one_step, batches)
+    return result | {"distinct_shapes": len(shapes), "forwards": (2 if variant == "search" else 1) * total}
 
 
 def training_step(engine, base, settings, variant: str, layers, total: int):
@@ -344,15 +357,17 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
         f"batch {args.batch_size}, lengths {args.min_len}-{args.max_len}, {args.steps} timed steps\n"
     )
     memory_key = "peak_gpu_mb" if args.device.startswith("cuda") else "rss_growth_mb"
-    print(f"| variant | step s | tokens/s | {memory_key} | host syncs/step | aten ops fwd/bwd/opt |")
-    print("|---|---|---|---|---|---|")
+    print(f"| variant | step s | tokens/s | {memory_key} | host syncs/step | aten ops fwd/bwd/opt | shapes |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         if r.get("oom"):
-            print(f"| {name} | OOM | OOM | OOM | – | – |")
+            print(f"| {name} | OOM | OOM | OOM | – | – | – |")
             continue
         ops = "/".join(str(r["ops"][k]) for k in ("forward", "backward", "optimizer"))
+        shapes = f"{r['distinct_shapes']} in {r['forwards']} forwards" if "distinct_shapes" in r else "–"
         print(
-            f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r[memory_key]:.0f} | {r['syncs']} | {ops} |"
+            f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r[memory_key]:.0f} | {r['syncs']} "
+            f"| {ops} | {shapes} |"
         )
 
     ratios = {}
