@@ -106,6 +106,8 @@ class MicroBatch:
     """0 for the stand-in row of a process whose share of the step is empty."""
     real_tokens: int = 0
     """Tokens of real rows (the rest of input_ids is padding), for the padding-waste report."""
+    first_answer_col: int = 0
+    """Right-padded: the lowest answer-predicting column (logits are computed from there on)."""
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -127,6 +129,7 @@ class MicroBatch:
             "answer_rows": self.answer_rows,
             "answer_cols": self.answer_cols,
             "targets": self.targets,
+            "first_answer_col": self.first_answer_col,
         }
 
 
@@ -195,7 +198,7 @@ def pad_rows(rows: list[dict], pad_id: int, multiple: int) -> MicroBatch:
     return MicroBatch(
         input_ids, torch.arange(width).repeat(len(rows), 1), None, attention_mask,
         torch.tensor(answer_rows), torch.tensor(answer_cols), torch.tensor(targets),
-        real_tokens=int(attention_mask.sum()),
+        real_tokens=int(attention_mask.sum()), first_answer_col=min(answer_cols),
     )  # fmt: skip
 
 
@@ -320,15 +323,31 @@ class AnswerLM(nn.Module):
         answer_rows: torch.Tensor,
         answer_cols: torch.Tensor,
         targets: torch.Tensor,
+        first_answer_col: int = 0,
     ) -> torch.Tensor:
         gated = self.gates.once_per_forward() if self.gates is not None else contextlib.nullcontext()
         with gated:
             logits = self.answer_logits(
-                input_ids, position_ids, sequence_ids, attention_mask, answer_rows, answer_cols
+                input_ids,
+                position_ids,
+                sequence_ids,
+                attention_mask,
+                answer_rows,
+                answer_cols,
+                first_answer_col,
             )
         return F.cross_entropy(logits, targets, reduction="sum")
 
-    def answer_logits(self, input_ids, position_ids, sequence_ids, attention_mask, answer_rows, answer_cols):
+    def answer_logits(
+        self,
+        input_ids,
+        position_ids,
+        sequence_ids,
+        attention_mask,
+        answer_rows,
+        answer_cols,
+        first_answer_col=0,
+    ) -> torch.Tensor:
         """float32 logits [K, vocab] of the answer-predicting positions only."""
         causal = causal_lm(self.lm)
         if sequence_ids is not None:  # packed: the backbone, then the head on the gathered states
@@ -339,10 +358,14 @@ class AnswerLM(nn.Module):
                 input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
             ).last_hidden_state
             return causal.get_output_embeddings()(hidden[answer_rows, answer_cols]).float()
-        # Right-padded fallback (model code we cannot reach inside): the whole model's logits
+        # Right-padded fallback (model code we cannot reach inside): the model's own logits, from
+        # the first answer-predicting column on where it takes logits_to_keep
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        first = first_answer_col if self._keeps_logits else 0
+        if first:
+            inputs["logits_to_keep"] = input_ids.shape[1] - first
         logits = self.lm(**inputs).logits
-        return logits[answer_rows, answer_cols].float()
+        return logits[answer_rows, answer_cols - first if first else answer_cols].float()
 
 
 # -- the step ------------------------------------------------------------------------------------
