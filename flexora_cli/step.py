@@ -156,25 +156,28 @@ def pack_rows(rows: list[dict], pad_id: int, pack_tokens: int, multiple: int) ->
         packs[slot].append(row)
         loads[slot] += n
     width = _round_up(max(loads), multiple)
-    input_ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(packs), width), dtype=torch.long)
-    sequence_ids = torch.zeros((len(packs), width), dtype=torch.long)
+    # Built as Python lists and converted once: per-row tensor writes cost more than the rows.
+    tokens, positions, sequences = [], [], []
     answer_rows, answer_cols, targets = [], [], []
     for p, pack in enumerate(packs):
         offset = 0
-        for sequence, row in enumerate(pack + [None]):
-            n = len(row["input_ids"]) if row else width - offset
-            if row:
-                input_ids[p, offset : offset + n] = torch.tensor(row["input_ids"])
-                positions = answer_positions(row)
-                answer_rows += [p] * len(positions)
-                answer_cols += [offset + k for k in positions]
-                targets += [row["labels"][k + 1] for k in positions]
-            position_ids[p, offset : offset + n] = torch.arange(n)
-            sequence_ids[p, offset : offset + n] = sequence
+        for sequence, row in enumerate(pack):
+            n = len(row["input_ids"])
+            tokens += row["input_ids"]
+            positions += range(n)
+            sequences += [sequence] * n
+            answers = answer_positions(row)
+            answer_rows += [p] * len(answers)
+            answer_cols += [offset + k for k in answers]
+            targets += [row["labels"][k + 1] for k in answers]
             offset += n
+        tokens += [pad_id] * (width - offset)
+        positions += range(width - offset)
+        sequences += [len(pack)] * (width - offset)
+    shape = (len(packs), width)
     return MicroBatch(
-        input_ids, position_ids, sequence_ids, None,
+        torch.tensor(tokens).view(shape), torch.tensor(positions).view(shape),
+        torch.tensor(sequences).view(shape), None,
         torch.tensor(answer_rows), torch.tensor(answer_cols), torch.tensor(targets),
         real_tokens=sum(loads),
     )  # fmt: skip
@@ -501,12 +504,15 @@ class TrainStep:
         clip_to = max_grad_norm if max_grad_norm > 0 else math.inf
         norm = self.engine.accelerator.clip_grad_norm_(params, clip_to)
         found_inf = self.guard.record(loss, norm, step, phase)
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-        if not self.guard.scaled:
-            inner.found_inf = found_inf
-        optimizer.step()
-        if not self.guard.scaled:
-            del inner.found_inf
+        if self.guard.scaled:  # fp16: accelerate's wrapper steps through the loss scaler
+            optimizer.step()
+            return
+        # The optimizer itself (not accelerate's wrapper, which looks for optional packages on
+        # every step and adds nothing without a scaler), told to skip on the device if non-finite.
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.found_inf = found_inf
+        inner.step()
+        del inner.found_inf
 
     def check(self, replay, new_window: bool = True) -> Readout:
         """Read the guard (`new_window`: and start a new log window); on a non-finite step under
