@@ -317,7 +317,14 @@ class AnswerLM(nn.Module):
         self._window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self._keeps_logits = accepts_logits_to_keep(causal)
 
-    def forward(
+    def forward(self, targets: torch.Tensor, **batch: torch.Tensor | int | None) -> torch.Tensor:
+        """Summed cross-entropy of the answer tokens `targets` (MicroBatch.model_inputs)."""
+        gated = self.gates.once_per_forward() if self.gates is not None else contextlib.nullcontext()
+        with gated:
+            logits = self.answer_logits(**batch)
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    def answer_logits(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
@@ -325,31 +332,7 @@ class AnswerLM(nn.Module):
         attention_mask: torch.Tensor | None,
         answer_rows: torch.Tensor,
         answer_cols: torch.Tensor,
-        targets: torch.Tensor,
         first_answer_col: int = 0,
-    ) -> torch.Tensor:
-        gated = self.gates.once_per_forward() if self.gates is not None else contextlib.nullcontext()
-        with gated:
-            logits = self.answer_logits(
-                input_ids,
-                position_ids,
-                sequence_ids,
-                attention_mask,
-                answer_rows,
-                answer_cols,
-                first_answer_col,
-            )
-        return F.cross_entropy(logits, targets, reduction="sum")
-
-    def answer_logits(
-        self,
-        input_ids,
-        position_ids,
-        sequence_ids,
-        attention_mask,
-        answer_rows,
-        answer_cols,
-        first_answer_col=0,
     ) -> torch.Tensor:
         """float32 logits [K, vocab] of the answer-predicting positions only."""
         causal = causal_lm(self.lm)
@@ -422,11 +405,11 @@ class StepGuard:
         self.skipped += len(bad)
         if reset or bad:
             self.window = []
-        mean = {
-            phase: statistics.fmean(v for (_, p), v in zip(steps, losses) if p == phase and math.isfinite(v))
-            for phase in sorted({p for _, p in steps})
-            if any(p == phase and math.isfinite(v) for (_, p), v in zip(steps, losses))
-        }
+        finite_losses: dict[int, list[float]] = {}
+        for (_, phase), loss in zip(steps, losses):
+            if math.isfinite(loss):
+                finite_losses.setdefault(phase, []).append(loss)
+        mean = {phase: statistics.fmean(values) for phase, values in sorted(finite_losses.items())}
         finite_norms = [n for n in norms if math.isfinite(n)]
         first = steps[bad[0]] + (math.isfinite(losses[bad[0]]),) if bad else None
         return Readout(
@@ -451,7 +434,7 @@ class Readout:
     """What StepGuard.read() found."""
 
     losses: dict[int, float]
-    """Mean loss per phase over the window (steps whose loss was non-finite count as 0)."""
+    """Mean loss per phase over the window's finite losses (a phase with none is absent)."""
     grad_norm: tuple[float, float] | None
     """(min, max) of the finite gradient norms of the window, before clipping."""
     skipped: int

@@ -48,6 +48,8 @@ class TrainingLoop:
         stateful = stateful | engine.scaler_state() | {"guard": self.train_step.guard}
         self.checkpoints = Checkpoints(run_dir, stage, settings, trained, stateful, engine)
         self.step, self.history = self.checkpoints.resume()
+        self.skipped = 0
+        """Non-finite steps skipped so far (on_nonfinite=skip, or fp16's scaler), as of the last read."""
         run_dir.begin_stage(stage, settings)
         engine.start_tracking(stage, settings)
 
@@ -93,7 +95,9 @@ class TrainingLoop:
             return locate_nonfinite(self.engine, self.model, batch_of(step, phase))
 
         try:
-            return self.train_step.check(replay, new_window)
+            readout = self.train_step.check(replay, new_window)
+            self.skipped = readout.skipped
+            return readout
         except NonFiniteError as exc:
             latest = self.checkpoints.latest()
             resume = (
@@ -105,6 +109,11 @@ class TrainingLoop:
                 f"{exc}; {resume} once the cause is fixed (lower {self.stage}.lr, check the data, or "
                 f"add {self.stage}.on_nonfinite=skip to skip such steps)"
             ) from None
+
+    def record(self, step: int, readout: Readout, **values: float | list) -> None:
+        """Append to the history: the step, `values`, and the window's gradient-norm range."""
+        norms = {"grad_norm": list(readout.grad_norm)} if readout.grad_norm else {}
+        self.history.append({"step": step, **values, **norms})
 
     def finish(self) -> float:
         """Mark the stage complete, drop its checkpoints, close the tracker; returns its seconds."""

@@ -21,7 +21,7 @@ from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.modeling import attach_lora, load_model, load_tokenizer
-from flexora_cli.rundir import read_json
+from flexora_cli.rundir import RunDir, read_json
 from flexora_cli.settings import Settings
 from flexora_cli.stages import collator, locked, setup
 from flexora_cli.step import (
@@ -71,7 +71,6 @@ def run(cfg: DictConfig | Settings) -> dict:
     epoch, offset = divmod(loop.step, len(batches))
     epochs = itertools.count(epoch)
     global_batches = (rows for e in epochs for rows in batches.epoch(e, offset if e == epoch else 0))
-    readouts = []
 
     def one_step(step: int, batch: Collated) -> None:
         nonlocal tokens
@@ -82,10 +81,8 @@ def run(cfg: DictConfig | Settings) -> dict:
         tokens += batch.tokens
 
     def on_log(step: int, readout: Readout) -> str:
-        readouts.append(readout)
-        loss, lr = readout.losses[0], schedule.get_last_lr()[0]
-        entry = {"step": step, "train_loss": loss, "lr": lr}
-        loop.history.append(entry | ({"grad_norm": list(readout.grad_norm)} if readout.grad_norm else {}))
+        loss, lr = readout.losses.get(0, math.nan), schedule.get_last_lr()[0]
+        loop.record(step, readout, train_loss=loss, lr=lr)
         engine.log({"loss/train": loss, "lr": lr}, step)
         return f"loss {loss:.3f}"
 
@@ -93,12 +90,12 @@ def run(cfg: DictConfig | Settings) -> dict:
     steps = prefetched(global_batches, collate, engine.device.type == "cuda")
     loop.run(steps, total_steps, one_step, on_log, spec.log_every)
 
+    # -- save: a standard PEFT adapter ---------------------------------------------------------
     state = engine.full_state_dict(model)  # every process takes part in the gather (FSDP)
     with run_dir.atomic_dir(run_dir.adapter_dir) as tmp:
         engine.unwrap(model).lm.save_pretrained(tmp, state_dict=_lm_state(state), safe_serialization=True)
     this_run = time.time() - started  # tokens count this run only
     seconds = loop.finish()
-    history = loop.history
     result = {
         "layers": layers,
         "trainable_params": sum(p.numel() for p in params),
@@ -110,25 +107,26 @@ def run(cfg: DictConfig | Settings) -> dict:
         "num_processes": engine.num_processes,
         "precision": engine.precision,
         "max_grad_norm": spec.max_grad_norm,
-        "nonfinite_steps_skipped": readouts[-1].skipped if readouts else 0,
-        "history": history,
+        "nonfinite_steps_skipped": loop.skipped,
+        "history": loop.history,
     }
+    write_outputs(run_dir, engine, result)
+    return result
+
+
+def write_outputs(run_dir: RunDir, engine: Engine, result: dict) -> None:
+    """train_log.json, the loss figure and the closing panel."""
+    history = result["history"]
     run_dir.write_json(run_dir.finetune_log_json, result)
     if history:
         run_dir.save_figure(run_dir.finetune_loss_png, lambda: report.plot_losses(history, ("train_loss",)))
     facts = [
-        f"LoRA on layers {layers}: {result['trainable_params']:,} parameters",
-        f"{total_steps} steps in {seconds:.0f}s on {engine.num_processes} process(es), {engine.precision}; "
-        f"padding {result['padding_waste']:.0%} of tokens",
+        f"LoRA on layers {result['layers']}: {result['trainable_params']:,} parameters",
+        f"{result['steps']} steps in {result['seconds']:.0f}s on {engine.num_processes} process(es), "
+        f"{engine.precision}; padding {result['padding_waste']:.0%} of tokens",
     ]
-    files = [
-        run_dir.adapter_dir,
-        run_dir.finetune_log_json,
-        run_dir.finetune_loss_png,
-        run_dir.root / "logs" / "finetune",
-    ]
-    report.console.print(report.stage_panel("finetune", facts, files))
-    return result
+    files = [run_dir.adapter_dir, run_dir.finetune_log_json, run_dir.finetune_loss_png]
+    report.console.print(report.stage_panel("finetune", facts, files + [run_dir.root / "logs" / "finetune"]))
 
 
 def _lm_state(state: dict) -> dict:

@@ -30,6 +30,7 @@ from flexora_cli.modeling import (
     load_tokenizer,
     lora_params_per_layer,
 )
+from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
 from flexora_cli.stages import collator, locked, planted_layers, setup
 from flexora_cli.step import (
@@ -51,24 +52,8 @@ def run(cfg: DictConfig | Settings) -> dict:
     search = settings.search
     engine = Engine(settings)
     seed_everything(settings.seed)
-
-    # -- data: the budget for LoRA steps, a disjoint carve-out for α steps --------------------
-    examples = load_split(settings.dataset, settings.dataset.train_split)
-    if search.budget + search.val_samples > len(examples):
-        raise ConfigError(
-            f"search.budget={search.budget} + search.val_samples={search.val_samples} exceeds the "
-            f"{len(examples)} examples of {settings.dataset.name}[{settings.dataset.train_split}]; "
-            f"lower search.budget or search.val_samples"
-        )
-    train_pool, val_examples = carve_validation(examples, search.val_samples, settings.seed)
     tokenizer = load_tokenizer(settings.model)
-
-    def batches(subset: list, seed: int) -> Batches:
-        features = training_features(tokenizer, build_prompts(subset, settings.format), settings.max_length)
-        return Batches(features, search.batch_size, seed, settings.group_by_length)
-
-    train_batches = batches(train_pool[: search.budget], settings.seed)
-    val_batches = batches(val_examples, settings.seed + 1)
+    train_batches, val_batches = search_batches(settings, tokenizer)
 
     # -- model: LoRA on every layer, one gate per layer, wrapped by accelerate (DDP/FSDP) -----
     base = load_model(settings.model, engine.device, engine.precision)
@@ -96,23 +81,18 @@ def run(cfg: DictConfig | Settings) -> dict:
     )
     steps = prefetched(pairs, lambda pair: (collate(pair[0]), collate(pair[1])), engine.device.type == "cuda")
     phases = AlternatingStep(loop.train_step, (optimizer, schedule, alpha_optimizer), lora, gates, search)
-    readouts = []
 
     def on_log(step: int, readout: Readout) -> str:
-        readouts.append(readout)
-        train_loss, val_loss = readout.losses[0], readout.losses[1]
+        train_loss, val_loss = readout.losses.get(0, math.nan), readout.losses.get(1, math.nan)
         alpha = [round(a, 6) for a in gates.alpha_hat.tolist()]
-        entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "alpha": alpha}
-        loop.history.append(entry | ({"grad_norm": list(readout.grad_norm)} if readout.grad_norm else {}))
+        loop.record(step, readout, train_loss=train_loss, val_loss=val_loss, alpha=alpha)
         layer_alphas = {f"alpha/layer_{i:02d}": a for i, a in enumerate(alpha)}
         engine.log({"loss/train": train_loss, "loss/val": val_loss, **layer_alphas}, step)
-        top = ",".join(str(i) for i in ranking(alpha)[:3])
-        return f"loss {train_loss:.3f} val {val_loss:.3f} top {top}"
+        return f"loss {train_loss:.3f} val {val_loss:.3f} top {','.join(map(str, ranking(alpha)[:3]))}"
 
     model.train()
     loop.run(steps, total_steps, phases, on_log, search.log_every, lambda pair, phase: pair[phase])
     seconds = loop.finish()
-    history = loop.history
 
     # -- save ---------------------------------------------------------------------------------
     alpha = [float(a) for a in gates.alpha_hat.tolist()]
@@ -129,26 +109,51 @@ def run(cfg: DictConfig | Settings) -> dict:
         "num_processes": engine.num_processes,
         "precision": engine.precision,
         "max_grad_norm": search.max_grad_norm,
-        "nonfinite_steps_skipped": readouts[-1].skipped if readouts else 0,
-        "history": history,
+        "nonfinite_steps_skipped": loop.skipped,
+        "history": loop.history,
     }
+    write_outputs(settings, run_dir, engine, result)
+    return result
+
+
+def search_batches(settings: Settings, tokenizer) -> tuple[Batches, Batches]:
+    """The budget's training batches for LoRA steps, and a disjoint validation carve-out's
+    batches for α steps (seeded)."""
+    search = settings.search
+    examples = load_split(settings.dataset, settings.dataset.train_split)
+    if search.budget + search.val_samples > len(examples):
+        raise ConfigError(
+            f"search.budget={search.budget} + search.val_samples={search.val_samples} exceeds the "
+            f"{len(examples)} examples of {settings.dataset.name}[{settings.dataset.train_split}]; "
+            f"lower search.budget or search.val_samples"
+        )
+    train_pool, val_examples = carve_validation(examples, search.val_samples, settings.seed)
+
+    def batches(subset: list, seed: int) -> Batches:
+        features = training_features(tokenizer, build_prompts(subset, settings.format), settings.max_length)
+        return Batches(features, search.batch_size, seed, settings.group_by_length)
+
+    return batches(train_pool[: search.budget], settings.seed), batches(val_examples, settings.seed + 1)
+
+
+def write_outputs(settings: Settings, run_dir: RunDir, engine: Engine, result: dict) -> None:
+    """alpha.json, the α̂ and loss figures, and the closing table and panel."""
+    alpha, history = result["alpha"], result["history"]
     run_dir.write_json(run_dir.alpha_json, result)
-    positive = [
-        i for i, a in enumerate(alpha) if a > 0
-    ]  # the paper's rule; select/alpha.png shows the chosen
+    positive = [i for i, a in enumerate(alpha) if a > 0]  # the paper's rule; select/alpha.png: the chosen
     run_dir.save_figure(run_dir.alpha_png, lambda: report.plot_alpha(alpha, history, positive))
     run_dir.save_figure(
         run_dir.search_loss_png, lambda: report.plot_losses(history, ("train_loss", "val_loss"))
     )
-
     report.console.print(report.alpha_table(alpha, result["ranking"], planted=planted_layers(settings)))
     facts = [
-        f"{total_steps} steps in {result['seconds']:.0f}s on {engine.num_processes} process(es), {engine.precision}",
-        f"top layers: {', '.join(map(str, result['ranking'][:5]))}; padding {result['padding_waste']:.0%} of tokens",
+        f"{result['steps']} steps in {result['seconds']:.0f}s on {engine.num_processes} process(es), "
+        f"{engine.precision}",
+        f"top layers: {', '.join(map(str, result['ranking'][:5]))}; padding {result['padding_waste']:.0%} "
+        f"of tokens",
     ]
     files = [run_dir.alpha_json, run_dir.alpha_png, run_dir.search_loss_png, run_dir.root / "logs" / "search"]
     report.console.print(report.stage_panel("search", facts, files))
-    return result
 
 
 def gated_lora_model(base: torch.nn.Module, settings: Settings) -> tuple[AnswerLM, LayerGates]:
