@@ -2,9 +2,10 @@
 
 The search (both its LoRA and its α step), finetune and scripts/bench_train.py all run this code.
 
-- **Padding-free packing.** A micro-batch's rows are concatenated into packs of at most
-  `pack_tokens` tokens; position ids restart at 0 for each row and a block-diagonal causal mask
-  (built on the device from per-token sequence ids) keeps rows apart. The unused tail of a pack
+- **Padding-free packing.** A micro-batch's rows are concatenated into packs no wider than its
+  longest row (rounded up to `pad_to_multiple_of`; or `pack_tokens` when larger); position ids
+  restart at 0 for each row and a block-diagonal causal mask (built on the device from per-token
+  sequence ids) keeps rows apart. The unused tail of a pack
   is a sequence of its own, so no attention query row is ever fully masked: such rows are where
   CUDA's SDPA kernels return NaN for left-padded batches. Families whose code cannot take
   packed rows (remote code, e.g. ChatGLM3) get right-padded rows instead, which have no fully
