@@ -24,7 +24,7 @@ class LayerGates(nn.Module):
         super().__init__()
         self.alpha_hat = nn.Parameter(torch.zeros(num_layers))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._current: torch.Tensor | None = None
+        self._current: tuple[torch.Tensor, ...] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -54,10 +54,10 @@ class LayerGates(nn.Module):
 
     @contextlib.contextmanager
     def once_per_forward(self) -> Iterator[None]:
-        """Compute α = N·softmax(α̂) once for a whole forward; the hooks index that tensor (the
-        gradient still flows to α̂ through it). Outside (e.g. activation recomputation in
-        backward) each hook computes α itself, to the same value."""
-        self._current = self.alphas()
+        """Compute α = N·softmax(α̂) once for a whole forward, split into one 0-dim tensor per
+        layer (a view each; the gradient still flows to α̂). Outside (e.g. activation
+        recomputation in backward) each hook computes α itself, to the same value."""
+        self._current = self.alphas().unbind()
         try:
             yield
         finally:
@@ -65,8 +65,8 @@ class LayerGates(nn.Module):
 
     def _make_hook(self, index: int):
         def scale_lora_output(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            alphas = self._current if self._current is not None else self.alphas()
-            return output * alphas[index].to(output.dtype)
+            alpha = self._current[index] if self._current is not None else self.alphas()[index]
+            return output * alpha  # a float32 0-dim tensor keeps the output's dtype (bf16 stays bf16)
 
         return scale_lora_output
 
