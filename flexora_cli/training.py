@@ -36,13 +36,8 @@ class TrainingLoop:
         stateful: dict[str, Any],
         on_nonfinite: str,
     ):
-        self.stage, self.settings, self.run_dir, self.engine, self.model = (
-            stage,
-            settings,
-            run_dir,
-            engine,
-            model,
-        )
+        self.stage, self.settings, self.run_dir = stage, settings, run_dir
+        self.engine, self.model = engine, model
         self.train_step = TrainStep(engine, model, stage, on_nonfinite)
         # The guard's log window and skip count travel in checkpoints: a resumed stage logs alike.
         stateful = stateful | engine.scaler_state() | {"guard": self.train_step.guard}
