@@ -179,8 +179,9 @@ def measure(args: argparse.Namespace) -> dict:
 
 def training_step(engine, base, settings, variant: str, layers, total: int):
     """(one_step(step, batch), wrapped model) of flexora's search or finetune step, exactly as the
-    stages build them (stages/search.AlternatingStep, step.TrainStep)."""
+    stages build them (stages/search.AlternatingStep, stages/finetune.LoraStep)."""
     from flexora_cli.modeling import attach_lora
+    from flexora_cli.stages.finetune import LoraStep
     from flexora_cli.stages.search import AlternatingStep, gated_lora_model
     from flexora_cli.step import AnswerLM, TrainStep, adamw_with_schedule, trainable_parameters
 
@@ -202,14 +203,7 @@ def training_step(engine, base, settings, variant: str, layers, total: int):
         ), model
     model, optimizer = engine.prepare(model, optimizer)
     train_step = TrainStep(engine, model, "finetune")
-
-    def finetune_step(step: int, batch) -> None:
-        loss = train_step.forward_backward(batch)
-        train_step.update(optimizer, lora, loss, settings.finetune.max_grad_norm, step)
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return finetune_step, model
+    return LoraStep(train_step, optimizer, schedule, lora, settings.finetune.max_grad_norm), model
 
 
 def measure_trainer(args: argparse.Namespace, settings, rows: list[dict]) -> dict:

@@ -174,6 +174,7 @@ def run_search(args, settings, engine, base) -> dict:
 def run_finetune(args, settings, engine, searched) -> dict:
     from flexora_cli.modeling import attach_lora
     from flexora_cli.stages import collator
+    from flexora_cli.stages.finetune import LoraStep
     from flexora_cli.step import AnswerLM, TrainStep, adamw_with_schedule, trainable_parameters
 
     steps = args.finetune_steps
@@ -187,11 +188,7 @@ def run_finetune(args, settings, engine, searched) -> dict:
     train_step = TrainStep(engine, model, "finetune")
     rows = synthetic_rows(args, base.config.vocab_size, steps * args.batch_size, 3)
 
-    def one_step(step: int, batch) -> None:
-        loss = train_step.forward_backward(batch)
-        train_step.update(optimizer, lora, loss, settings.finetune.max_grad_norm, step)
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+    one_step = LoraStep(train_step, optimizer, schedule, lora, settings.finetune.max_grad_norm)
 
     def batch(step: int):
         return pinned(engine, collate(rows[(step - 1) * args.batch_size : step * args.batch_size]))

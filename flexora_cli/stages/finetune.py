@@ -28,6 +28,7 @@ from flexora_cli.step import (
     AnswerLM,
     Collated,
     Readout,
+    TrainStep,
     adamw_with_schedule,
     prefetched,
     seed_everything,
@@ -71,13 +72,11 @@ def run(cfg: DictConfig | Settings) -> dict:
     epoch, offset = divmod(loop.step, len(batches))
     epochs = itertools.count(epoch)
     global_batches = (rows for e in epochs for rows in batches.epoch(e, offset if e == epoch else 0))
+    lora_step = LoraStep(loop.train_step, optimizer, schedule, params, spec.max_grad_norm)
 
     def one_step(step: int, batch: Collated) -> None:
         nonlocal tokens
-        loss = loop.train_step.forward_backward(batch)
-        loop.train_step.update(optimizer, params, loss, spec.max_grad_norm, step)
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        lora_step(step, batch)
         tokens += batch.tokens
 
     def on_log(step: int, readout: Readout) -> str:
@@ -112,6 +111,21 @@ def run(cfg: DictConfig | Settings) -> dict:
     }
     write_outputs(run_dir, engine, result)
     return result
+
+
+class LoraStep:
+    """One finetune step: forward/backward over a global batch, the guarded, clipped update, the
+    schedule's step (search.AlternatingStep is the search's)."""
+
+    def __init__(self, train_step: TrainStep, optimizer, schedule, params: list, max_grad_norm: float):
+        self.train_step, self.optimizer, self.schedule = train_step, optimizer, schedule
+        self.params, self.max_grad_norm = params, max_grad_norm
+
+    def __call__(self, step: int, batch: Collated) -> None:
+        loss = self.train_step.forward_backward(batch)
+        self.train_step.update(self.optimizer, self.params, loss, self.max_grad_norm, step)
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def write_outputs(run_dir: RunDir, engine: Engine, result: dict) -> None:
