@@ -5,9 +5,9 @@ The search (both its LoRA and its α step), finetune and scripts/bench_train.py 
 - **Padding-free packing.** A micro-batch's rows are concatenated into packs no wider than its
   longest row (rounded up to `pad_to_multiple_of`; or `pack_tokens` when larger); position ids
   restart at 0 for each row and a block-diagonal causal mask (built on the device from per-token
-  sequence ids) keeps rows apart. The unused tail of a pack
-  is a sequence of its own, so no attention query row is ever fully masked: such rows are where
-  CUDA's SDPA kernels return NaN for left-padded batches. Families whose code cannot take
+  sequence ids) keeps rows apart. The unused tail of a pack is a sequence of its own, so no
+  attention query row is ever fully masked: such rows are where CUDA's SDPA kernels return NaN
+  for left-padded batches. Families whose code cannot take
   packed rows (remote code, e.g. ChatGLM3) get right-padded rows instead, which have no fully
   masked rows under a causal mask either (modeling.packs_rows decides).
 - **Loss on answer positions only.** The hidden states of the positions that predict an answer
@@ -123,15 +123,15 @@ class MicroBatch:
     def to(self, device: torch.device) -> MicroBatch:
         return replace(self, **{k: v.to(device, non_blocking=True) for k, v in self._tensors().items()})
 
-    def model_inputs(self) -> dict[str, torch.Tensor | None]:
-        return {
-            k: getattr(self, k) for k in ("input_ids", "position_ids", "sequence_ids", "attention_mask")
-        } | {
-            "answer_rows": self.answer_rows,
-            "answer_cols": self.answer_cols,
-            "targets": self.targets,
-            "first_answer_col": self.first_answer_col,
-        }
+    def model_inputs(self) -> dict[str, torch.Tensor | int | None]:
+        """The keyword arguments of AnswerLM.forward."""
+        return {name: getattr(self, name) for name in _MODEL_INPUTS}
+
+
+_MODEL_INPUTS = (
+    "input_ids", "position_ids", "sequence_ids", "attention_mask",
+    "answer_rows", "answer_cols", "targets", "first_answer_col",
+)  # fmt: skip
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -252,9 +252,7 @@ class Collator:
                 if self.packed
                 else pad_rows(share, self.pad_id, self.multiple)
             )
-            micro_batches.append(
-                replace(batch, weight=weight, real_tokens=batch.real_tokens if weight else 0)
-            )
+            micro_batches.append(replace(batch, weight=weight))
         return Collated(
             micro_batches,
             total_tokens=sum(label_tokens(row) for row in rows),
@@ -468,9 +466,9 @@ class TrainStep:
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         if self.engine.num_processes > 1:
             loss = accelerator.reduce(loss, reduction="sum") / self.engine.num_processes
+        counted = [m for m in batch.micro_batches if m.weight]  # a weight-0 stand-in is not data
         self.engine.padding.add(
-            sum(m.real_tokens for m in batch.micro_batches),
-            sum(m.input_ids.numel() for m in batch.micro_batches if m.weight),
+            sum(m.real_tokens for m in counted), sum(m.input_ids.numel() for m in counted)
         )
         return loss
 
