@@ -163,7 +163,7 @@ def _run_hydra(stage: str, args: list[str], debug: bool) -> int:
                 cfg.out_dir = _job_dir(cfg.out_dir, swept)
             result = module.run(cfg)
             if cfg.get("print_json"):  # the stage's result on stdout, for pipelines (`| jq .layers`)
-                print(json.dumps(result, default=str))
+                print(json.dumps(result, default=_as_json))
         except FlexoraError as exc:
             if debug:
                 raise
@@ -199,6 +199,11 @@ def _summary(args: list[str], debug: bool) -> int:
     if any(a.lower() in ("print_json=true", "print_json=1") for a in args):
         print(json.dumps(result, default=str))
     return 0
+
+
+def _as_json(value: object) -> object:
+    """Typed stage results (method.SearchResult, Selection) as their JSON; anything else as text."""
+    return value.to_json() if hasattr(value, "to_json") else str(value)
 
 
 def _swept_keys(args: list[str]) -> list[str]:

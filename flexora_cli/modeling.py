@@ -136,6 +136,7 @@ def load_model(spec: ModelSettings, device: torch.device, precision: str) -> nn.
             revision=spec.revision,
             dtype=dtype,
             quantization_config=quantization,
+            attn_implementation=spec.attn_implementation,
             device_map={"": _device_map_target(device)} if quantization else None,
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=None if spec.trust_remote_code else True,
@@ -240,8 +241,9 @@ def lora_params_per_layer(model: nn.Module, spec: ModelSettings, lora: LoraSetti
     return counts
 
 
-def describe(spec: ModelSettings, lora: LoraSettings) -> list[int]:
-    """LoRA parameters per layer from the model's config alone (meta device, no weights loaded)."""
+def lora_params_per_layer_of(spec: ModelSettings, lora: LoraSettings) -> list[int]:
+    """LoRA parameters per layer of the model `spec` names, from its config alone (meta device, no
+    weights loaded)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -25,6 +25,7 @@ FORMATS = ("mcq", "completion")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRACKERS = ("auto", "none", "tensorboard", "wandb")
 ON_NONFINITE = ("error", "skip")
+HYPERGRADIENTS = ("first_order", "darts", "unrolled")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class ModelSettings:
     quantization: str = "none"
     """Load the frozen base through bitsandbytes: none, 4bit (NF4, double quantisation, bf16
     compute: QLoRA) or 8bit. Needs CUDA and the `quant` extra."""
+    attn_implementation: str | None = None
+    """Attention kernel (transformers' attn_implementation: eager, sdpa, flash_attention_2);
+    None: transformers' default. search.hypergradient=unrolled needs eager (double backward)."""
 
 
 @dataclass
@@ -114,6 +118,13 @@ class SearchSettings:
     """Clip the LoRA gradients' global norm to this (as HF Trainer and the public code); 0: off."""
     alpha_max_grad_norm: float = 0.0
     """Clip α̂'s gradient norm in the α step to this; 0: off (Adam's steps barely depend on it)."""
+    hypergradient: str = "first_order"
+    """α̂'s gradient (docs/method.md): first_order (the direct gradient of the validation loss,
+    K = 0 of the paper's unrolled differentiation, as the authors' code), darts (+ the last LoRA
+    step's effect, by a finite difference: 2 extra passes per step) or unrolled (exact, through
+    the last `unroll_steps` LoRA steps; eager attention, one process)."""
+    unroll_steps: int = 1
+    """K for hypergradient=unrolled: LoRA steps differentiated through (memory grows with K)."""
     on_nonfinite: str = "error"
     """A non-finite loss or gradient is never applied. error: stop the stage naming the step,
     phase and first non-finite module (resumable from the last checkpoint); skip: skip such
@@ -301,6 +312,7 @@ class Settings:
         for key in ("search.max_grad_norm", "search.alpha_max_grad_norm", "finetune.max_grad_norm"):
             value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
             check(value >= 0, f"{key}: must be >= 0 (0 turns clipping off), got {value}")
+        problems += self._hypergradient_problems()
         for key in ("search", "finetune"):
             value = getattr(self, key).on_nonfinite
             check(
@@ -362,6 +374,33 @@ class Settings:
         check(self.pad_to_multiple_of > 0, f"pad_to_multiple_of: must be > 0, got {self.pad_to_multiple_of}")
         check(self.checkpoint_every > 0, f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
         check(self.keep_checkpoints > 0, f"keep_checkpoints: must be > 0, got {self.keep_checkpoints}")
+        return problems
+
+    def _hypergradient_problems(self) -> list[str]:
+        """search.hypergradient's own rules: the second-order variants need unscaled gradients, and
+        unrolled a twice-differentiable model (eager attention, no checkpointing, no quantization)."""
+        kind = self.search.hypergradient
+        if kind not in HYPERGRADIENTS:
+            return [f"search.hypergradient: {kind!r} is not one of {', '.join(HYPERGRADIENTS)}"]
+        problems = []
+        if self.search.unroll_steps < 0:
+            problems.append(f"search.unroll_steps: must be >= 0, got {self.search.unroll_steps}")
+        if kind != "first_order" and self.precision == "fp16":
+            problems.append(
+                f"search.hypergradient={kind}: not with precision=fp16 (scaled gradients); use bf16"
+            )
+        if kind == "unrolled":
+            needs = {
+                "model.attn_implementation=eager": self.model.attn_implementation == "eager",
+                "gradient_checkpointing=false": not self.gradient_checkpointing,
+                "model.quantization=none": self.model.quantization == "none",
+            }
+            missing = [fix for fix, ok in needs.items() if not ok]
+            if missing:
+                problems.append(
+                    f"search.hypergradient=unrolled differentiates through the LoRA steps (a double "
+                    f"backward), which needs {', '.join(missing)}; set them, or use search.hypergradient=darts"
+                )
         return problems
 
 

@@ -333,7 +333,7 @@ class AnswerLM(nn.Module):
         answer_cols: torch.Tensor,
         first_answer_col: int = 0,
     ) -> torch.Tensor:
-        """float32 logits [K, vocab] of the answer-predicting positions only."""
+        """Logits [K, vocab] (float32, or float64 for a float64 model) of the answer-predicting positions only."""
         causal = causal_lm(self.lm)
         if sequence_ids is not None:  # packed: the backbone, then the head on the gathered states
             mask = (
@@ -342,7 +342,7 @@ class AnswerLM(nn.Module):
             hidden = causal.get_decoder()(
                 input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
             ).last_hidden_state
-            return causal.get_output_embeddings()(hidden[answer_rows, answer_cols]).float()
+            return _at_least_float32(causal.get_output_embeddings()(hidden[answer_rows, answer_cols]))
         # Right-padded fallback (model code we cannot reach inside): the model's own logits, from
         # the first answer-predicting column on where it takes logits_to_keep
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
@@ -350,7 +350,12 @@ class AnswerLM(nn.Module):
         if first:
             inputs["logits_to_keep"] = input_ids.shape[1] - first
         logits = self.lm(**inputs).logits
-        return logits[answer_rows, answer_cols - first if first else answer_cols].float()
+        return _at_least_float32(logits[answer_rows, answer_cols - first if first else answer_cols])
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """The loss in float32 for bf16/fp16 models; a float64 model (the exactness tests) stays so."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 # -- the step ------------------------------------------------------------------------------------
@@ -449,9 +454,10 @@ class TrainStep:
         self.engine, self.model, self.stage = engine, model, stage
         self.guard = StepGuard(engine.device, on_nonfinite, scaled=engine.accelerator.scaler is not None)
 
-    def forward_backward(self, batch: Collated) -> torch.Tensor:
+    def forward_backward(self, batch: Collated, count_padding: bool = True) -> torch.Tensor:
         """Forward and backward over this process's micro-batches; returns the global mean loss per
-        answer token (a device tensor). Gradients accumulate in .grad."""
+        answer token (a device tensor). Gradients accumulate in .grad. `count_padding`: add the
+        batch to the padding report (not for a pass that repeats a batch)."""
         scale = self.engine.num_processes / batch.total_tokens  # DDP averages over processes
         accelerator = self.engine.accelerator
         losses = []
@@ -466,10 +472,11 @@ class TrainStep:
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         if self.engine.num_processes > 1:
             loss = accelerator.reduce(loss, reduction="sum") / self.engine.num_processes
-        counted = [m for m in batch.micro_batches if m.weight]  # a weight-0 stand-in is not data
-        self.engine.padding.add(
-            sum(m.real_tokens for m in counted), sum(m.input_ids.numel() for m in counted)
-        )
+        if count_padding:
+            counted = [m for m in batch.micro_batches if m.weight]  # a weight-0 stand-in is not data
+            self.engine.padding.add(
+                sum(m.real_tokens for m in counted), sum(m.input_ids.numel() for m in counted)
+            )
         return loss
 
     def update(
@@ -480,21 +487,22 @@ class TrainStep:
         max_grad_norm: float,
         step: int,
         phase: int = 0,
-    ) -> None:
+    ) -> torch.Tensor:
         """Clip, then step `optimizer` unless the loss or the gradient norm is non-finite (decided
-        on the device through the fused optimizer's found_inf)."""
+        on the device through the fused optimizer's found_inf); returns the norm before clipping."""
         clip_to = max_grad_norm if max_grad_norm > 0 else math.inf
         norm = self.engine.accelerator.clip_grad_norm_(params, clip_to)
         found_inf = self.guard.record(loss, norm, step, phase)
         if self.guard.scaled:  # fp16: accelerate's wrapper steps through the loss scaler
             optimizer.step()
-            return
+            return norm
         # The optimizer itself (not accelerate's wrapper, which looks for optional packages on
         # every step and adds nothing without a scaler), told to skip on the device if non-finite.
         inner = getattr(optimizer, "optimizer", optimizer)
         inner.found_inf = found_inf
         inner.step()
         del inner.found_inf
+        return norm
 
     def check(self, replay, new_window: bool = True) -> Readout:
         """Read the guard (`new_window`: and start a new log window); on a non-finite step under

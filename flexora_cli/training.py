@@ -31,14 +31,12 @@ class TrainingLoop:
         settings: Settings,
         run_dir: RunDir,
         engine: Engine,
-        model: nn.Module,
+        train_step: TrainStep,
         trained: dict[str, nn.Parameter],
         stateful: dict[str, Any],
-        on_nonfinite: str,
     ):
         self.stage, self.settings, self.run_dir = stage, settings, run_dir
-        self.engine, self.model = engine, model
-        self.train_step = TrainStep(engine, model, stage, on_nonfinite)
+        self.engine, self.model, self.train_step = engine, train_step.model, train_step
         # The guard's log window and skip count travel in checkpoints: a resumed stage logs alike.
         stateful = stateful | engine.scaler_state() | {"guard": self.train_step.guard}
         self.checkpoints = Checkpoints(run_dir, stage, settings, trained, stateful, engine)

@@ -179,10 +179,10 @@ def measure(args: argparse.Namespace) -> dict:
 
 def training_step(engine, base, settings, variant: str, layers, total: int):
     """(one_step(step, batch), wrapped model) of flexora's search or finetune step, exactly as the
-    stages build them (stages/search.AlternatingStep, stages/finetune.LoraStep)."""
+    stages build them (method.SearchStep, stages/finetune.LoraStep)."""
+    from flexora_cli.method import SearchStep, gated_lora_model, search_optimizers
     from flexora_cli.modeling import attach_lora
     from flexora_cli.stages.finetune import LoraStep
-    from flexora_cli.stages.search import AlternatingStep, gated_lora_model
     from flexora_cli.step import AnswerLM, TrainStep, adamw_with_schedule, trainable_parameters
 
     if variant == "search":
@@ -193,14 +193,14 @@ def training_step(engine, base, settings, variant: str, layers, total: int):
             attach_lora(base, settings.model, settings.lora, lora_layers, settings.gradient_checkpointing)
         )
     lora = trainable_parameters(model.lm)
-    optimizer, schedule = adamw_with_schedule(lora, 1e-4, 0.0, "constant", 0.0, total)
     if variant == "search":
-        alpha_optimizer = torch.optim.Adam(gates.parameters(), lr=0.01, fused=True)
+        optimizer, schedule, alpha_optimizer = search_optimizers(lora, gates, settings.search, total)
         model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
         train_step = TrainStep(engine, model, "search")
-        return AlternatingStep(
+        return SearchStep(
             train_step, (optimizer, schedule, alpha_optimizer), lora, gates, settings.search
         ), model
+    optimizer, schedule = adamw_with_schedule(lora, 1e-4, 0.0, "constant", 0.0, total)
     model, optimizer = engine.prepare(model, optimizer)
     train_step = TrainStep(engine, model, "finetune")
     return LoraStep(train_step, optimizer, schedule, lora, settings.finetune.max_grad_norm), model

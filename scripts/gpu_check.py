@@ -10,7 +10,7 @@ Parts (--parts, in this order by default):
          32/8 heads, vocabulary 128256; built from a config on the device, no download) through
          --search-steps search steps at batch 4 with ragged rows of 64–512 tokens, then
          --finetune-steps finetune steps on the top half of the layers; the same objects the
-         stages use (stages/search.AlternatingStep, step.TrainStep). Reports finite steps, the
+         stages use (method.SearchStep, step.TrainStep). Reports finite steps, the
          gradient-norm range, skipped steps, s/step, peak memory, the attention tripwire over
          one step, host syncs over three (HostSyncCounter and CUDA's sync debug mode), and
          the GPU's busy share of three steps (torch.profiler).
@@ -142,21 +142,18 @@ def synthetic_rows(args, vocab: int, count: int, seed: int) -> list[dict]:
 
 
 def run_search(args, settings, engine, base) -> dict:
+    from flexora_cli.method import SearchStep, gated_lora_model, search_optimizers
     from flexora_cli.stages import collator
-    from flexora_cli.stages.search import AlternatingStep, gated_lora_model
-    from flexora_cli.step import TrainStep, adamw_with_schedule, trainable_parameters
+    from flexora_cli.step import TrainStep, trainable_parameters
 
     steps = args.search_steps
     model, gates = gated_lora_model(base, settings)
     lora = trainable_parameters(model.lm)
-    optimizer, schedule = adamw_with_schedule(lora, 1e-4, 0.0, "cosine", 0.03, steps)
-    alpha_optimizer = torch.optim.Adam(gates.parameters(), lr=0.01, fused=True)
+    optimizer, schedule, alpha_optimizer = search_optimizers(lora, gates, settings.search, steps)
     collate = collator(settings, engine, model, 0, 1)
     model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
     train_step = TrainStep(engine, model, "search")
-    one_step = AlternatingStep(
-        train_step, (optimizer, schedule, alpha_optimizer), lora, gates, settings.search
-    )
+    one_step = SearchStep(train_step, (optimizer, schedule, alpha_optimizer), lora, gates, settings.search)
     vocab = base.config.vocab_size
     train = synthetic_rows(args, vocab, steps * args.batch_size, 1)
     val = synthetic_rows(args, vocab, steps * args.batch_size, 2)

@@ -8,7 +8,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from flexora_cli.errors import ModelError
-from flexora_cli.gates import LayerGates
+from flexora_cli.method import LayerGates
 from flexora_cli.modeling import attach_lora, get_layers, lora_params_per_layer
 from flexora_cli.settings import LoraSettings, ModelSettings
 

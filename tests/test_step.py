@@ -11,7 +11,7 @@ from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
-from flexora_cli.gates import LayerGates
+from flexora_cli.method import LayerGates
 from flexora_cli.modeling import (
     attach_lora,
     enable_gradient_checkpointing,
@@ -182,7 +182,7 @@ def test_gates_attach_to_quantized_lora_layers(tiny):
     """QLoRA: peft's bitsandbytes Linear4bit LoRA layers get a gate each, and α gets a gradient."""
     from peft.tuners.lora.bnb import Linear4bit
 
-    from flexora_cli.stages.search import gated_lora_model
+    from flexora_cli.method import gated_lora_model
 
     settings, tokenizer, rows = tiny
     settings.model.quantization = "4bit"

@@ -69,16 +69,16 @@ def test_a_non_finite_step_is_named_not_applied_and_resumable(
 
     monkeypatch.undo()  # the rerun, without the poison, resumes at step 4 and completes
     result = search.run(cfg)
-    assert result["steps"] == 10 and result["nonfinite_steps_skipped"] == 0
-    assert all(math.isfinite(a) for a in result["alpha"])
+    assert result.steps == 10 and result.nonfinite_steps_skipped == 0
+    assert all(math.isfinite(a) for a in result.alpha)
 
 
 def test_on_nonfinite_skip_skips_and_counts(tiny_cfg, monkeypatch):
     poisoned(monkeypatch, 9, until_call=10)  # both phases of step 5
     result = search.run(tiny_cfg(*QUICK, "search.on_nonfinite=skip"))
-    assert result["nonfinite_steps_skipped"] == 2
-    assert all(math.isfinite(a) for a in result["alpha"])
-    assert all(math.isfinite(h["train_loss"]) for h in result["history"])
+    assert result.nonfinite_steps_skipped == 2
+    assert all(math.isfinite(a) for a in result.alpha)
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
 
 
 def test_max_grad_norm_clips_and_reports_the_norm_before(tiny):  # noqa: F811

@@ -16,7 +16,7 @@ from flexora_cli.data.batches import training_features
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.engine import Engine
-from flexora_cli.gates import LayerGates
+from flexora_cli.method import LayerGates
 from flexora_cli.modeling import load_tokenizer
 from flexora_cli.scoring import score
 from flexora_cli.settings import load

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from flexora_cli import report
+from flexora_cli.method import SearchResult, Selection
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings, dataset_settings
 from flexora_cli.stages import locked, setup
@@ -55,8 +56,8 @@ def _compare(settings: Settings) -> list[dict]:
     settings.select.layers = None  # the Flexora variant selects from its own search
     report.console.rule(f"[bold]compare {settings.dataset.name}: flexora")
     pipeline.run(settings)
-    selection = json.loads(run_dir.selection_json.read_text())
-    flexora_layers, num_layers = selection["layers"], selection["num_layers"]
+    selection = Selection.read(run_dir.selection_json, "select", "compare")
+    flexora_layers, num_layers = selection.layers, selection.num_layers
     variants = {"flexora": settings, "lora_all": _variant(settings, "lora_all", "all")}
     for seed in settings.compare.seeds:
         drawn = sorted(random.Random(seed).sample(range(num_layers), len(flexora_layers)))
@@ -104,15 +105,17 @@ def _row(name: str, run_dir: RunDir, settings: Settings, base: bool = False) -> 
     }
     if base:
         return {**row, "layers": [], "trainable_params": 0, "search_s": None, "finetune_s": None}
-    selection = json.loads(run_dir.selection_json.read_text())
+    selection = Selection.read(run_dir.selection_json, "select", "compare")
     finetune = json.loads(run_dir.finetune_log_json.read_text())
     search_s = (
-        json.loads(run_dir.alpha_json.read_text())["seconds"] if selection["rule"] != "explicit" else None
+        SearchResult.read(run_dir.alpha_json, "search", "compare").seconds
+        if selection.rule != "explicit"
+        else None
     )
     return {
         **row,
-        "layers": selection["layers"],
-        "trainable_params": selection["trainable_params"],
+        "layers": selection.layers,
+        "trainable_params": selection.trainable_params,
         "search_s": search_s,
         "finetune_s": finetune["seconds"],
     }

@@ -20,8 +20,9 @@ from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.engine import Engine
+from flexora_cli.method import Selection
 from flexora_cli.modeling import attach_lora, load_model, load_tokenizer
-from flexora_cli.rundir import RunDir, read_json
+from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
 from flexora_cli.stages import collator, locked, setup
 from flexora_cli.step import (
@@ -41,7 +42,7 @@ from flexora_cli.training import TrainingLoop
 def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
     spec = settings.finetune
-    layers = read_json(run_dir.selection_json, "select", "finetune")["layers"]
+    layers = Selection.read(run_dir.selection_json, "select", "finetune").layers
     run_dir.check_upstream("select", "finetune", settings)
     engine = Engine(settings)
     seed_everything(settings.seed)
@@ -65,14 +66,15 @@ def run(cfg: DictConfig | Settings) -> dict:
     collate = collator(settings, engine, model, tokenizer.pad_token_id, spec.grad_accum)
     model, optimizer = engine.prepare(model, optimizer)
     stateful = {"optimizer": optimizer, "scheduler": schedule}
-    loop = TrainingLoop("finetune", settings, run_dir, engine, model, trained, stateful, spec.on_nonfinite)
+    train_step = TrainStep(engine, model, "finetune", spec.on_nonfinite)
+    loop = TrainingLoop("finetune", settings, run_dir, engine, train_step, trained, stateful)
 
     # -- loop: one optimizer step per global batch ---------------------------------------------
     started, tokens = time.time(), 0
     epoch, offset = divmod(loop.step, len(batches))
     epochs = itertools.count(epoch)
     global_batches = (rows for e in epochs for rows in batches.epoch(e, offset if e == epoch else 0))
-    lora_step = LoraStep(loop.train_step, optimizer, schedule, params, spec.max_grad_norm)
+    lora_step = LoraStep(train_step, optimizer, schedule, params, spec.max_grad_norm)
 
     def one_step(step: int, batch: Collated) -> None:
         nonlocal tokens
@@ -115,7 +117,7 @@ def run(cfg: DictConfig | Settings) -> dict:
 
 class LoraStep:
     """One finetune step: forward/backward over a global batch, the guarded, clipped update, the
-    schedule's step (search.AlternatingStep is the search's)."""
+    schedule's step (method.SearchStep is the search's)."""
 
     def __init__(self, train_step: TrainStep, optimizer, schedule, params: list, max_grad_norm: float):
         self.train_step, self.optimizer, self.schedule = train_step, optimizer, schedule

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from flexora_cli import report
 from flexora_cli.errors import ConfigError
+from flexora_cli.method import Selection
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import flatten
 
@@ -60,8 +61,8 @@ def _row(root: Path, run_dir: Path) -> dict:
     settings = flatten(yaml.safe_load(config.read_text())) if config else {}
     row: dict = {"run": str(run_dir.relative_to(root)) or ".", "settings": settings}
     if paths.selection_json.exists():
-        selection = json.loads(paths.selection_json.read_text())
-        row.update(layers=selection["layers"], trainable_params=selection["trainable_params"])
+        selection = Selection.from_json(json.loads(paths.selection_json.read_text()), paths.selection_json)
+        row.update(layers=selection.layers, trainable_params=selection.trainable_params)
     if paths.metrics_json.exists():
         for dataset, variants in json.loads(paths.metrics_json.read_text())["results"].items():
             for variant, scores in variants.items():

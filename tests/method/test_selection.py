@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from flexora_cli.errors import ConfigError, FlexoraError
+from flexora_cli.method import explicit_layers, select_layers
 from flexora_cli.settings import SelectSettings
-from flexora_cli.stages.select import explicit_layers, select_layers
 
 ALPHA = [0.4, -0.3, 0.0, 0.9, -0.5, -0.5]
 PARAMS = [100, 100, 100, 300, 100, 100]

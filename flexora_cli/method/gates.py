@@ -16,6 +16,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from flexora_cli.modeling import attach_lora, get_layers
+from flexora_cli.settings import Settings
+from flexora_cli.step import AnswerLM
+
 
 class LayerGates(nn.Module):
     """α̂ for N layers, and the hooks that apply αᵢ to every LoRA path of layer i."""
@@ -70,12 +74,19 @@ class LayerGates(nn.Module):
 
         return scale_lora_output
 
-    def ranking(self) -> list[int]:
-        """Layer indices, highest α̂ first (ties: lower index first)."""
-        return ranking(self.alpha_hat.detach().float().cpu().tolist())
+    @torch.no_grad()
+    def center_(self) -> None:
+        """Subtract the mean of α̂ (on the device, no sync). Softmax is shift-invariant, so no αᵢ
+        changes; it restores the paper's Proposition 1 (Σα̂ = 0), which Adam's per-coordinate steps
+        break, so that α̂ᵢ > 0 keeps meaning "above the mean"."""
+        self.alpha_hat.sub_(self.alpha_hat.mean())
 
 
-def ranking(alpha: list[float]) -> list[int]:
-    """Layer indices by α̂, highest first (ties: lower index first): the one ranking the search,
-    the selection rules and the reports use."""
-    return sorted(range(len(alpha)), key=lambda i: (-alpha[i], i))
+def gated_lora_model(base: nn.Module, settings: Settings) -> tuple[AnswerLM, LayerGates]:
+    """LoRA on every layer of `base`, each layer's LoRA paths gated by its α, as the
+    module the step trains (the gates inside it, so DDP averages α̂'s gradient like LoRA's)."""
+    peft_model = attach_lora(base, settings.model, settings.lora, None, settings.gradient_checkpointing)
+    layers = get_layers(peft_model, settings.model.layers_path)
+    gates = LayerGates(len(layers)).to(next(base.parameters()).device)
+    gates.attach(layers)
+    return AnswerLM(peft_model, gates), gates

@@ -1,0 +1,59 @@
+"""Stage 2 of the method, one step: a LoRA step on a training batch (α fixed), then an α step on
+a validation batch (θ fixed, dropout off), with the hypergradient `search.hypergradient` names,
+then α̂ is centred (Σα̂ = 0)."""
+
+from __future__ import annotations
+
+import torch
+
+from flexora_cli.method.gates import LayerGates
+from flexora_cli.method.hypergradient import DropoutOff, make_hypergradient
+from flexora_cli.settings import SearchSettings
+from flexora_cli.step import Collated, TrainStep, adamw_with_schedule
+
+
+def search_optimizers(lora: list, gates: LayerGates, search: SearchSettings, total_steps: int) -> tuple:
+    """(LoRA AdamW, its cosine schedule, α̂'s Adam): the optimizers of the authors' code."""
+    optimizer, schedule = adamw_with_schedule(
+        lora, search.lr, search.weight_decay, "cosine", search.warmup_ratio, total_steps
+    )
+    return optimizer, schedule, torch.optim.Adam(gates.parameters(), lr=search.alpha_lr, fused=True)
+
+
+class SearchStep:
+    """One search step over the wrapped model of `train_step`. Both backward passes are full ones,
+    because DDP all-reduces every gradient; the gradients a phase leaves on the other phase's
+    parameters are dropped (darts reads the LoRA ones first: they are ∇w' L_val)."""
+
+    def __init__(
+        self, train_step: TrainStep, optimizers: tuple, lora: list, gates: LayerGates, search: SearchSettings
+    ):
+        self.train_step, self.lora, self.gates = train_step, lora, gates
+        self.optimizer, self.schedule, self.alpha_optimizer = optimizers
+        self.max_grad_norm, self.alpha_max_grad_norm = search.max_grad_norm, search.alpha_max_grad_norm
+        module = train_step.engine.unwrap(train_step.model)
+        self.dropout_off = DropoutOff(module)
+        self.hypergradient = make_hypergradient(
+            search.hypergradient, train_step, lora, gates, self.optimizer, module, search
+        )
+
+    def __call__(self, step: int, batches: tuple[Collated, Collated]) -> None:
+        train, val = batches
+        self.hypergradient.before_lora_step(train)
+        loss = self.train_step.forward_backward(train)
+        norm = self.train_step.update(self.optimizer, self.lora, loss, self.max_grad_norm, step, phase=0)
+        self.hypergradient.after_lora_step(norm, self.max_grad_norm)
+        self.schedule.step()
+        self._zero_grad()
+
+        with self.dropout_off():
+            val_loss = self.train_step.forward_backward(val)
+        self.hypergradient.correct(train, val)
+        alpha = list(self.gates.parameters())
+        self.train_step.update(self.alpha_optimizer, alpha, val_loss, self.alpha_max_grad_norm, step, phase=1)
+        self.gates.center_()
+        self._zero_grad()
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.alpha_optimizer.zero_grad(set_to_none=True)
