@@ -12,7 +12,8 @@
 
 LoRA placed on the planted layers can represent the teacher exactly; elsewhere it can only
 approximate it — so the search has a right answer: PLANTED_LAYERS. Everything is deterministic
-and takes seconds on a CPU.
+and takes seconds on a CPU. `PlantedTask` describes the task; the demo is DEMO_TASK, an easy one
+(the other layers' attention inputs are damped); scripts/planted_study.py builds harder ones.
 """
 
 from __future__ import annotations
@@ -23,27 +24,48 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 PLANTED_LAYERS = (2, 5)
 NUM_LAYERS = 8
-SPLIT_SIZES = {"train": 2800, "validation": 300, "test": 200}
 LETTERS = "ABCD"
 _FORMAT_VERSION = 6  # bump when the assets change, so cached copies are rebuilt
 
 
-def ensure_assets(directory: str | os.PathLike) -> Path:
-    """Build the demo model (`model/`) and data (`data/`) in `directory` unless already there."""
+@dataclass
+class PlantedTask:
+    """A tiny model and the task planted in it; the signal is weaker the smaller `shift` and the
+    closer `other_input_scale` is to 1."""
+
+    num_layers: int = NUM_LAYERS
+    planted: tuple[int, ...] = PLANTED_LAYERS
+    """Layers whose q/v projections carry the teacher's low-rank changes."""
+    shift: float = 3.0
+    """Mean |change| of the answer log-probabilities that each planted layer alone causes."""
+    other_input_scale: float = 0.03
+    """Factor on the attention input norm of the other layers (1: left as initialised)."""
+    seed: int = 0
+    """Seed of the model's weights and of the planted changes."""
+    split_sizes: dict = field(default_factory=lambda: {"train": 2800, "validation": 300, "test": 200})
+
+
+DEMO_TASK = PlantedTask()
+
+
+def ensure_assets(directory: str | os.PathLike, task: PlantedTask = DEMO_TASK) -> Path:
+    """Build the model (`model/`) and data (`data/`) of `task` in `directory` unless already there."""
     root = Path(directory).expanduser()
     stamp = root / "assets.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("version") == _FORMAT_VERSION:
+    wanted = _stamp(task)
+    if stamp.exists() and {k: v for k, v in json.loads(stamp.read_text()).items() if k in wanted} == wanted:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        build(tmp)
+        build(tmp, task)
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -52,18 +74,24 @@ def ensure_assets(directory: str | os.PathLike) -> Path:
     return root
 
 
-def build(root: Path) -> None:
+def _stamp(task: PlantedTask) -> dict:
+    """assets.json: the format version and planted layers; a task's other fields when not the demo's."""
+    stamp = {"version": _FORMAT_VERSION, "planted_layers": list(task.planted)}
+    return stamp if task == DEMO_TASK else stamp | {"task": json.loads(json.dumps(asdict(task)))}
+
+
+def build(root: Path, task: PlantedTask = DEMO_TASK) -> None:
     """Write model/, data/{train,validation,test}.jsonl and assets.json under `root`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(task.seed)
     words = _words()
     tokenizer = _tokenizer(words)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=192,
-        num_hidden_layers=NUM_LAYERS,
+        num_hidden_layers=task.num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -74,30 +102,28 @@ def build(root: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
     )
     base = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # only the planted layers' attention sees a full-scale input
+    with torch.no_grad():  # the demo: only the planted layers' attention sees a full-scale input
         for index, layer in enumerate(base.model.layers):
-            if index not in PLANTED_LAYERS:
-                layer.input_layernorm.weight.mul_(0.03)
+            if index not in task.planted:
+                layer.input_layernorm.weight.mul_(task.other_input_scale)
     letter_ids = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"][-1] for letter in LETTERS]
     rng = random.Random(0)
     probe = [_record(rng, words) for _ in range(256)]
     with torch.no_grad():
         _plant_letter_prior(base, tokenizer, [_prompt(r) for r in probe], letter_ids)
-        teacher = _plant_teacher(base, tokenizer, [_prompt(r) for r in probe], letter_ids)
-    records = _label(base, teacher, tokenizer, words, letter_ids, sum(SPLIT_SIZES.values()))
+        teacher = _plant_teacher(base, tokenizer, [_prompt(r) for r in probe], letter_ids, task)
+    records = _label(base, teacher, tokenizer, words, letter_ids, sum(task.split_sizes.values()))
 
     base.save_pretrained(root / "model", safe_serialization=True)
     tokenizer.save_pretrained(root / "model")
     start = 0
-    for split, size in SPLIT_SIZES.items():
+    for split, size in task.split_sizes.items():
         rows = [{**r, "split": split} for r in records[start : start + size]]
         start += size
         for folder, view in (("data", dict), *VIEWS.items()):
             (root / folder).mkdir(parents=True, exist_ok=True)
             (root / folder / f"{split}.jsonl").write_text("".join(json.dumps(view(r)) + "\n" for r in rows))
-    (root / "assets.json").write_text(
-        json.dumps({"version": _FORMAT_VERSION, "planted_layers": list(PLANTED_LAYERS)})
-    )
+    (root / "assets.json").write_text(json.dumps(_stamp(task)))
 
 
 def planted_layers(directory: str | os.PathLike) -> list[int] | None:
@@ -220,11 +246,11 @@ def _plant_letter_prior(model, tokenizer, prompts: list[str], letter_ids: list[i
         weight[token] = weight[token] - weight[token].dot(mean_hidden) * direction + 12.0 * direction
 
 
-def _plant_teacher(base, tokenizer, prompts: list[str], letter_ids: list[int]):
+def _plant_teacher(base, tokenizer, prompts: list[str], letter_ids: list[int], task: PlantedTask):
     """Copy `base` and add rank-2 changes to q/v of the planted layers, equal in effect."""
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(1 + task.seed)
     deltas = {}
-    for index in PLANTED_LAYERS:
+    for index in task.planted:
         attention = base.model.layers[index].self_attn
         for name in ("q_proj", "v_proj"):
             out_features, in_features = getattr(attention, name).weight.shape
@@ -233,10 +259,10 @@ def _plant_teacher(base, tokenizer, prompts: list[str], letter_ids: list[int]):
             deltas[index, name] = u @ v.T / math.sqrt(in_features)
     reference = _letter_logprobs(base, tokenizer, prompts, letter_ids)
     scales = {}
-    for index in PLANTED_LAYERS:  # scale each layer's change to move the answer by the same amount
+    for index in task.planted:  # scale each layer's change to move the answer by the same amount
         single = _with_deltas(base, {k: d for k, d in deltas.items() if k[0] == index}, 1.0)
         shift = (_letter_logprobs(single, tokenizer, prompts, letter_ids) - reference).abs().mean()
-        scales[index] = 3.0 / max(float(shift), 1e-6)
+        scales[index] = task.shift / max(float(shift), 1e-6)
     return _with_deltas(base, {k: d * scales[k[0]] for k, d in deltas.items()}, 1.0)
 
 

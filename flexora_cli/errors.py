@@ -31,6 +31,12 @@ class MissingArtifactError(FlexoraError):
         )
 
 
+class DamagedArtifactError(FlexoraError):
+    """A stage's output file that does not hold what that stage writes (exit 2)."""
+
+    exit_code = 2
+
+
 class ModelError(FlexoraError):
     """A model that cannot be loaded or does not have the configured layout (exit 2)."""
 

@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import save_file
 
 from flexora_cli import cli
+from flexora_cli.method import SearchResult, ranking
 
 
 @dataclass
@@ -43,8 +44,13 @@ def _searched(alpha: list[float], config: bool = False) -> Callable[[Path, Path]
     def prepare(tmp: Path, demo: Path) -> None:
         search = tmp / "run" / "search"
         search.mkdir(parents=True)
-        content = {"alpha": alpha, "lora_params_per_layer": [896] * len(alpha), "num_layers": len(alpha)}
-        (search / "alpha.json").write_text(json.dumps(content))
+        content = SearchResult(
+            alpha=alpha, ranking=ranking(alpha), scaled_alpha=[1.0] * len(alpha), alpha_sum=sum(alpha),
+            lora_params_per_layer=[896] * len(alpha), hypergradient="first_order", unroll_steps=0,
+            steps=1, seconds=1.0, padding_waste=0.0, num_processes=1, precision="fp32",
+            max_grad_norm=1.0, nonfinite_steps_skipped=0,
+        )  # fmt: skip
+        (search / "alpha.json").write_text(json.dumps(content.to_json()))
         if config:  # as if searched with another LoRA rank
             from omegaconf import OmegaConf
 
@@ -199,6 +205,22 @@ CASES = {
         "select: the search outputs in {run}/search were made with other settings (lora.alpha: 16.0 then, 8.0 now; lora.r: 8 then, 4 now)",
         stage="select",
         prepare=_searched([0.1] * 8, config=True),
+    ),
+    "damaged search result": Case(
+        [],
+        "{run}/search/alpha.json lacks alpha_sum, hypergradient, lora_params_per_layer, max_grad_norm, "
+        "nonfinite_steps_skipped, num_processes, padding_waste, precision, ranking, scaled_alpha, seconds, "
+        "steps, unroll_steps: it is damaged or from an older flexora; rerun `flexora search` with force=true",
+        stage="select",
+        prepare=lambda tmp, demo: (
+            (tmp / "run" / "search").mkdir(parents=True)
+            or (tmp / "run" / "search" / "alpha.json").write_text('{"alpha": [0.1, 0.2]}')
+        ),
+    ),
+    "unrolled hypergradient on fused attention": Case(
+        ["search.hypergradient=unrolled"],
+        "invalid settings: search.hypergradient=unrolled differentiates through the LoRA steps (a double "
+        "backward), which needs model.attn_implementation=eager; set them, or use search.hypergradient=darts",
     ),
     "selection empty": Case(
         [], "select: no layer has α̂ > 0", exit_code=1, stage="select", prepare=_searched([-0.1] * 8)

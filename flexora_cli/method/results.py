@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flexora_cli.errors import FlexoraError
+from flexora_cli.errors import DamagedArtifactError
 from flexora_cli.rundir import read_json
 
 
@@ -19,22 +19,22 @@ class _JsonRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: Path | str = "the file"):
+    def from_json(cls, data: dict[str, Any], source: Path | str = "the file", stage: str | None = None):
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING}  # fmt: skip
         missing = sorted(required - set(data)) if isinstance(data, dict) else ["(not an object)"]
         if missing:
-            raise FlexoraError(
+            raise DamagedArtifactError(
                 f"{source} lacks {', '.join(missing)}: it is damaged or from an older flexora; "
-                f"rerun the stage that writes it with force=true"
+                f"rerun {f'`flexora {stage}`' if stage else 'the stage that writes it'} with force=true"
             )
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
     def read(cls, path: Path, stage: str, this_stage: str):
         """The record `stage` wrote at `path`, for `this_stage` (one clear line when missing)."""
-        return cls.from_json(read_json(path, stage, this_stage), path)
+        return cls.from_json(read_json(path, stage, this_stage), path, stage)
 
 
 @dataclass
