@@ -193,7 +193,8 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def table(lines: list[dict]) -> str:
-    """Per setting and hypergradient: means ± standard deviations over seeds."""
+    """Per setting and hypergradient: means ± standard deviations over seeds, how far α̂ moved from
+    first_order's on the same seed, and what a random ranking would score."""
 
     def stat(values: list[float], digits: int = 2) -> str:
         if not values:
@@ -201,10 +202,21 @@ def table(lines: list[dict]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
+    first = {(r["setting"], r["seed"]): r for r in lines if r["hypergradient"] == "first_order"}
+
+    def versus_first_order(row: dict) -> tuple[float, bool] | None:
+        other = first.get((row["setting"], row["seed"]))
+        if other is None:
+            return None
+        return max(abs(a - b) for a, b in zip(row["alpha"], other["alpha"])), row["ranking"] == other[
+            "ranking"
+        ]
+
     out = [
         "| setting | hypergradient | seeds | planted in top-\\|P\\| | precision | recall | layers kept | "
-        "acc Flexora | acc all layers | acc random | acc base | s/step | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "max \\|Δα̂\\| vs first_order | same ranking | acc Flexora | acc all layers | acc random | acc base | "
+        "s/step | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in dict.fromkeys(line["setting"] for line in lines):
         for kind in HYPERGRADIENTS:
@@ -212,6 +224,7 @@ def table(lines: list[dict]) -> str:
             if not rows:
                 continue
             memory = [r["peak_rss_mb"] for r in rows if "peak_rss_mb" in r]
+            compared = [c for c in map(versus_first_order, rows) if c is not None]
             cells = [
                 setting,
                 kind,
@@ -220,14 +233,21 @@ def table(lines: list[dict]) -> str:
                 stat([r["precision"] for r in rows]),
                 stat([r["recall"] for r in rows]),
                 stat([len(r["selected"]) for r in rows], 1),
+                stat([c[0] for c in compared], 4),
+                f"{sum(c[1] for c in compared)}/{len(compared)}",
                 stat([r["acc_flexora"] for r in rows], 3),
                 stat([r["acc_all"] for r in rows], 3),
                 stat([r["acc_random"] for r in rows], 3),
                 stat([r["acc_base"] for r in rows], 3),
-                stat([r["s_per_step"] for r in rows], 3),
+                f"{statistics.median(r['s_per_step'] for r in rows):.3f}",
                 f"{memory[0]:.0f}" if memory else "–",
             ]
             out.append("| " + " | ".join(cells) + " |")
+        planted, layers = rows[0]["planted"], len(rows[0]["alpha"])
+        chance = f"{len(planted) / layers:.2f}"
+        out.append(
+            f"| {setting} | (a random ranking) | – | {chance} | {chance} | – | – | – | – | – | – | – | – | – | – |"
+        )
     return "\n".join(out) + "\n"
 
 

@@ -28,7 +28,7 @@ class SearchStep:
     def __init__(
         self, train_step: TrainStep, optimizers: tuple, lora: list, gates: LayerGates, search: SearchSettings
     ):
-        self.train_step, self.lora, self.gates = train_step, lora, gates
+        self.train_step, self.lora, self.gates, self.alpha = train_step, lora, gates, list(gates.parameters())
         self.optimizer, self.schedule, self.alpha_optimizer = optimizers
         self.max_grad_norm, self.alpha_max_grad_norm = search.max_grad_norm, search.alpha_max_grad_norm
         module = train_step.engine.unwrap(train_step.model)
@@ -49,8 +49,9 @@ class SearchStep:
         with self.dropout_off():
             val_loss = self.train_step.forward_backward(val)
         self.hypergradient.correct(train, val)
-        alpha = list(self.gates.parameters())
-        self.train_step.update(self.alpha_optimizer, alpha, val_loss, self.alpha_max_grad_norm, step, phase=1)
+        self.train_step.update(
+            self.alpha_optimizer, self.alpha, val_loss, self.alpha_max_grad_norm, step, phase=1
+        )
         self.gates.center_()
         self._zero_grad()
 
