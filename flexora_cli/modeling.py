@@ -8,6 +8,7 @@ Nothing here knows Llama's names: the layer list is `ModelSettings.layers_path` 
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def load_tokenizer(spec: ModelSettings):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            model_dir(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
     except Exception as exc:  # transformers raises OSError/ValueError/... for every "cannot load"
         raise ModelError(_load_failure("tokenizer", spec, exc)) from exc
@@ -132,7 +133,7 @@ def load_model(spec: ModelSettings, device: torch.device, precision: str) -> nn.
     quantization = quantization_config(spec, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            spec.name_or_path,
+            model_dir(spec),
             revision=spec.revision,
             dtype=dtype,
             quantization_config=quantization,
@@ -250,7 +251,7 @@ def lora_params_per_layer_of(spec: ModelSettings, lora: LoraSettings) -> list[in
     _check_local_path(spec)
     try:
         config = AutoConfig.from_pretrained(
-            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            model_dir(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
@@ -259,7 +260,78 @@ def lora_params_per_layer_of(spec: ModelSettings, lora: LoraSettings) -> list[in
     return lora_params_per_layer(skeleton, spec, lora)
 
 
+def model_dir(spec: ModelSettings) -> str:
+    """Where transformers loads the model from: model.name_or_path, or for a GGUF checkpoint
+    (model.gguf_file) its de-quantized safetensors copy, made once (gguf_cache_dir)."""
+    if not spec.gguf_file:
+        return spec.name_or_path
+    source = gguf_path(spec)
+    cache = gguf_cache_dir(source)
+    if not (cache / "config.json").is_file():
+        _convert_gguf(source, cache)
+    return str(cache)
+
+
+def gguf_path(spec: ModelSettings) -> Path:
+    """The GGUF file model.gguf_file names (a path, or a file name inside model.name_or_path)."""
+    path = Path(spec.gguf_file).expanduser()
+    if not path.is_absolute():
+        path = Path(spec.name_or_path).expanduser() / path
+    if not path.is_file():
+        raise ModelError(
+            f"model.gguf_file: {path} not found; point model.name_or_path at the folder that holds it "
+            f"(or give model.gguf_file as a full path)"
+        )
+    return path
+
+
+def gguf_cache_dir(source: Path) -> Path:
+    """The converted copy's folder, keyed by the GGUF file's sha256 (a changed file converts anew)."""
+    import hashlib
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flexora" / "gguf"
+    digest = hashlib.sha256()
+    with source.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return root / f"{source.stem}-{digest.hexdigest()[:16]}"
+
+
+def _convert_gguf(source: Path, cache: Path) -> None:
+    """De-quantize `source` through transformers (float32) and save it and its tokenizer as a plain
+    model. A GGUF-loaded model refuses save_pretrained, so its weights go into a model built from
+    its config without the quantization entry."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexora_cli import report
+    from flexora_cli.rundir import atomic_directory
+
+    report.console.print(f"model: converting {source} once into {cache} (de-quantizing, about a minute)")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            source.parent, gguf_file=source.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load the GGUF checkpoint {source}: {reason}; it needs the gguf package "
+            f"(pip install gguf) and an architecture transformers can read from GGUF"
+        ) from exc
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    with atomic_directory(cache) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
 def _check_local_path(spec: ModelSettings) -> None:
+    if spec.gguf_file:
+        gguf_path(spec)  # raises when missing
+        return
     path = Path(spec.name_or_path).expanduser()
     looks_local = spec.name_or_path.startswith((".", "/", "~")) or path.exists()
     if looks_local and not (path / "config.json").is_file():

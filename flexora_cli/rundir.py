@@ -199,27 +199,13 @@ class RunDir:
 
     @contextlib.contextmanager
     def atomic_dir(self, path: Path) -> Iterator[Path]:
-        """Yield a temp folder beside `path`; on success it replaces `path` whole."""
+        """Yield a temp folder beside `path`; on success it replaces `path` whole (main process)."""
         if not self.writes:
             with tempfile.TemporaryDirectory() as scratch:
                 yield Path(scratch)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
-            with _disk_full_is_clear(path):
-                yield tmp
-                for item in tmp.iterdir():
-                    with open(item, "rb+") as handle:
-                        os.fsync(handle.fileno())
-            old = path.with_name(f".{path.name}.old")
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(path) as tmp:
+            yield tmp
 
     def save_figure(self, path: Path, make_figure: Callable[[], Any]) -> Path:
         """Draw a matplotlib figure (main process, plots=true), save it as PNG atomically, release it."""
@@ -334,6 +320,29 @@ def settings_differences(saved: Any, current: Any, prefix: str = "") -> list[str
         keys = sorted(set(saved) | set(current))
         return [d for k in keys for d in settings_differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
     return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} then, {current!r} now"]
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success its files are fsynced and it replaces `path`
+    whole, so a reader sees the old folder or the new one, never a half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        with _disk_full_is_clear(path):
+            yield tmp
+            for item in tmp.iterdir():
+                if item.is_file():
+                    with open(item, "rb+") as handle:
+                        os.fsync(handle.fileno())
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_json(path: Path, stage: str, this_stage: str) -> dict:

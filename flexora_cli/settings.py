@@ -45,6 +45,10 @@ class ModelSettings:
     """Attribute path from the causal-LM object to its list of transformer layers."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Names of the linear modules inside each layer that receive LoRA."""
+    gguf_file: str | None = None
+    """A GGUF checkpoint to load instead of safetensors weights: a file name inside
+    name_or_path, or a full path. It is de-quantized once into a safetensors copy under
+    ~/.cache/flexora/gguf (keyed by the file's hash), which every later stage loads."""
     trust_remote_code: bool = False
     """Run the model repository's own code (only set for models that need it, e.g. ChatGLM3)."""
     quantization: str = "none"
@@ -413,6 +417,9 @@ def load(cfg: DictConfig | Settings) -> Settings:
             merged = OmegaConf.merge(OmegaConf.structured(Settings), cfg)
             settings = OmegaConf.to_object(merged)
         except OmegaConfBaseException as exc:
+            resolving = "raised while resolving interpolation: "
+            if resolving in str(exc):  # a resolver's own message (e.g. package_dir) says the fix
+                raise ConfigError(_first_line(exc).split(resolving, 1)[1]) from exc
             raise ConfigError(f"{_first_line(exc)} (check the spelling and type of the override)") from exc
     if isinstance(settings.select.layers, (list, tuple)) or OmegaConf.is_list(settings.select.layers):
         settings.select.layers = list(settings.select.layers)
@@ -422,6 +429,22 @@ def load(cfg: DictConfig | Settings) -> Settings:
     if problems:
         raise ConfigError("invalid settings: " + "; ".join(problems))
     return settings
+
+
+def package_dir(module: str, pip_install: str) -> str:
+    """The folder of the installed package `module` (the `${package_dir:module,pip command}`
+    resolver of recipes that use files a package ships, e.g. recipes/model/smollm2_135m.yaml)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)  # finds the folder without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"the model files come from the Python package {module}, which is not installed; run `{pip_install}`"
+        )
+    return str(Path(spec.submodule_search_locations[0]))
+
+
+OmegaConf.register_new_resolver("package_dir", package_dir, replace=True)
 
 
 def recipes_dir() -> Path:
