@@ -26,6 +26,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRACKERS = ("auto", "none", "tensorboard", "wandb")
 ON_NONFINITE = ("error", "skip")
 HYPERGRADIENTS = ("first_order", "darts", "unrolled")
+DEMO_TASKS = ("tiny", "smollm2")
 
 
 @dataclass
@@ -254,7 +255,10 @@ class Settings:
     """Round packed (or padded) widths up to a multiple of this, so a run sees few distinct shapes
     (each new shape can cost GPU kernels a new plan); 1: no rounding."""
     demo_assets: str | None = None
-    """If set, build the bundled demo's tiny model and data in this directory when missing."""
+    """If set, build the demo's assets in this directory when missing (see demo_task)."""
+    demo_task: str = "tiny"
+    """Which demo demo_assets holds: tiny (a tiny model and planted data, demo.py) or smollm2
+    (data written by SmolLM2-135M with a planted teacher, smollm2_demo.py)."""
     recipe: str | None = None
     """Name of the preset this config came from (informational)."""
     debug: bool = False
@@ -373,6 +377,10 @@ class Settings:
         check(self.tracker in TRACKERS, f"tracker: {self.tracker!r} is not one of {', '.join(TRACKERS)}")
         check(self.device in DEVICES, f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         check(self.format in FORMATS, f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
+        check(
+            self.demo_task in DEMO_TASKS,
+            f"demo_task: {self.demo_task!r} is not one of {', '.join(DEMO_TASKS)}",
+        )
         check(self.max_length > 8, f"max_length: must be > 8, got {self.max_length}")
         check(self.pack_tokens >= 0, f"pack_tokens: must be >= 0, got {self.pack_tokens}")
         check(self.pad_to_multiple_of > 0, f"pad_to_multiple_of: must be > 0, got {self.pad_to_multiple_of}")

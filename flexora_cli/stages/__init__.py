@@ -18,7 +18,11 @@ def setup(cfg: DictConfig | Settings) -> tuple[Settings, RunDir]:
     """Typed, validated settings and the run directory; builds the demo assets when asked."""
     settings = load(cfg)
     report.configure(settings.quiet, main_process=is_main_process())
-    if settings.demo_assets:
+    if settings.demo_assets and settings.demo_task == "smollm2":
+        from flexora_cli import smollm2_demo
+
+        smollm2_demo.ensure_assets(settings.demo_assets, settings.model)
+    elif settings.demo_assets:
         demo.ensure_assets(settings.demo_assets)
     return settings, RunDir(settings.out_dir, plots=settings.plots)
 
