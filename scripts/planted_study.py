@@ -243,7 +243,8 @@ def table(lines: list[dict]) -> str:
                 f"{memory[0]:.0f}" if memory else "–",
             ]
             out.append("| " + " | ".join(cells) + " |")
-        planted, layers = rows[0]["planted"], len(rows[0]["alpha"])
+        first_line = next(line for line in lines if line["setting"] == setting)
+        planted, layers = first_line["planted"], len(first_line["alpha"])
         chance = f"{len(planted) / layers:.2f}"
         out.append(
             f"| {setting} | (a random ranking) | – | {chance} | {chance} | – | – | – | – | – | – | – | – | – | – |"

@@ -19,7 +19,14 @@ from flexora_cli.data.datasets import carve_validation, load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
-from flexora_cli.method import SearchResult, SearchStep, gated_lora_model, ranking, search_optimizers
+from flexora_cli.method import (
+    LayerGates,
+    SearchResult,
+    SearchStep,
+    gated_lora_model,
+    ranking,
+    search_optimizers,
+)
 from flexora_cli.method.selection import positive_layers
 from flexora_cli.modeling import load_model, load_tokenizer, lora_params_per_layer
 from flexora_cli.rundir import RunDir
@@ -70,8 +77,23 @@ def run(cfg: DictConfig | Settings) -> SearchResult:
     seconds = loop.finish()
 
     # -- save -----------------------------------------------------------------------------------
+    result = search_result(gates, params_per_layer, settings, engine, loop, seconds)
+    write_outputs(settings, run_dir, engine, result)
+    return result
+
+
+def search_result(
+    gates: LayerGates,
+    params_per_layer: list[int],
+    settings: Settings,
+    engine: Engine,
+    loop: TrainingLoop,
+    seconds: float,
+) -> SearchResult:
+    """What the search found (the gates now) and how it ran."""
+    search = settings.search
     alpha = [float(a) for a in gates.alpha_hat.tolist()]
-    result = SearchResult(
+    return SearchResult(
         alpha=alpha,
         ranking=ranking(alpha),
         scaled_alpha=[float(a) for a in gates.alphas().tolist()],
@@ -79,7 +101,7 @@ def run(cfg: DictConfig | Settings) -> SearchResult:
         lora_params_per_layer=params_per_layer,
         hypergradient=search.hypergradient,
         unroll_steps=search.unroll_steps if search.hypergradient == "unrolled" else 0,
-        steps=total_steps,
+        steps=loop.step,
         seconds=round(seconds, 2),
         padding_waste=round(engine.padding_waste(), 4),
         num_processes=engine.num_processes,
@@ -88,8 +110,6 @@ def run(cfg: DictConfig | Settings) -> SearchResult:
         nonfinite_steps_skipped=loop.skipped,
         history=loop.history,
     )
-    write_outputs(settings, run_dir, engine, result)
-    return result
 
 
 def check_hypergradient(settings: Settings, engine: Engine) -> None:
