@@ -8,8 +8,7 @@ For every setting and seed it builds a planted task (demo.PlantedTask: a tiny Ll
 has low-rank changes in known q/v projections; the seed draws the model, the changes and the data),
 runs the search with each hypergradient on the same data, selects with the paper's rule (α̂ > 0),
 then fine-tunes and evaluates LoRA on the selected layers, on all layers, and on random layers of
-the same count (drawn with the seed). Seed 0 of each setting also runs each search in a subprocess
-for its peak memory. Results go to OUT/results.jsonl, one line per (setting, seed, hypergradient),
+the same count (drawn with the seed). Results go to OUT/results.jsonl, one line per (setting, seed, hypergradient),
 so an interrupted study continues where it stopped; OUT/table.md is rewritten after every line.
 """
 
@@ -17,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,8 +137,6 @@ def study_one(out: Path, name: str, setting: Setting, seed: int, kind: str) -> d
         **{f"acc_{label}": adapter for label, (adapter, _) in accuracy.items()},
         "acc_base": accuracy["all"][1],
     }
-    if seed == 0:
-        line["peak_rss_mb"] = peak_memory([*base, *search_args, f"out_dir={run_dir / (kind + '-memory')}"])
     return line
 
 
@@ -175,19 +169,6 @@ def run_stage(stage: str, overrides: list[str]):
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def peak_memory(overrides: list[str]) -> float:
-    """Peak resident memory (MB) of `flexora search overrides...` in a fresh process."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flexora_cli.cli", "search", *overrides],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"memory run failed ({status}): flexora search {' '.join(overrides)}")
-    return round(usage.ru_maxrss / 1024, 1)
-
-
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
@@ -215,15 +196,14 @@ def table(lines: list[dict]) -> str:
     out = [
         "| setting | hypergradient | seeds | planted in top-\\|P\\| | precision | recall | layers kept | "
         "max \\|Δα̂\\| vs first_order | same ranking | acc Flexora | acc all layers | acc random | acc base | "
-        "s/step | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in dict.fromkeys(line["setting"] for line in lines):
         for kind in HYPERGRADIENTS:
             rows = [r for r in lines if r["setting"] == setting and r["hypergradient"] == kind]
             if not rows:
                 continue
-            memory = [r["peak_rss_mb"] for r in rows if "peak_rss_mb" in r]
             compared = [c for c in map(versus_first_order, rows) if c is not None]
             cells = [
                 setting,
@@ -240,7 +220,6 @@ def table(lines: list[dict]) -> str:
                 stat([r["acc_random"] for r in rows], 3),
                 stat([r["acc_base"] for r in rows], 3),
                 f"{statistics.median(r['s_per_step'] for r in rows):.3f}",
-                f"{memory[0]:.0f}" if memory else "–",
             ]
             out.append("| " + " | ".join(cells) + " |")
         first_line = next(line for line in lines if line["setting"] == setting)

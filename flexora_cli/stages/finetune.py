@@ -97,22 +97,36 @@ def run(cfg: DictConfig | Settings) -> dict:
         engine.unwrap(model).lm.save_pretrained(tmp, state_dict=_lm_state(state), safe_serialization=True)
     this_run = time.time() - started  # tokens count this run only
     seconds = loop.finish()
-    result = {
+    tokens_per_second = round(tokens / this_run, 1) if this_run else None
+    result = finetune_result(layers, params, len(examples), engine, loop, seconds, tokens_per_second)
+    write_outputs(run_dir, engine, result)
+    return result
+
+
+def finetune_result(
+    layers: list[int],
+    params: list,
+    examples: int,
+    engine: Engine,
+    loop: TrainingLoop,
+    seconds: float,
+    tokens_per_second: float | None,
+) -> dict:
+    """train_log.json: what was trained and how the run went."""
+    return {
         "layers": layers,
         "trainable_params": sum(p.numel() for p in params),
-        "steps": total_steps,
-        "examples": len(examples),
+        "steps": loop.step,
+        "examples": examples,
         "seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / this_run, 1) if this_run else None,
+        "tokens_per_second": tokens_per_second,
         "padding_waste": round(engine.padding_waste(), 4),
         "num_processes": engine.num_processes,
         "precision": engine.precision,
-        "max_grad_norm": spec.max_grad_norm,
+        "max_grad_norm": loop.settings.finetune.max_grad_norm,
         "nonfinite_steps_skipped": loop.skipped,
         "history": loop.history,
     }
-    write_outputs(run_dir, engine, result)
-    return result
 
 
 class LoraStep:
