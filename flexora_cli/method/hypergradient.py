@@ -42,8 +42,6 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1
 class FirstOrder:
     """∇α L_val at the current LoRA weights: what the α pass already computed."""
 
-    name = "first_order"
-
     def __init__(self, train_step: TrainStep, lora: list[nn.Parameter], gates: LayerGates, optimizer):
         self.train_step, self.lora, self.gates = train_step, lora, gates
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch AdamW inside accelerate's
@@ -91,8 +89,6 @@ class FirstOrder:
 class Darts(FirstOrder):
     """+ the last LoRA step's term, by a central finite difference (DARTS) with AdamW's exact
     diagonal Jacobian and clipping's rank-one one."""
-
-    name = "darts"
 
     def before_lora_step(self, train: Collated) -> None:
         self.rng = self._rng_snapshot()
@@ -167,8 +163,6 @@ def clip_jacobian_times(
 
 class Unrolled(FirstOrder):
     """Exact differentiation of L_val through the last K LoRA steps (K = 0: the direct gradient)."""
-
-    name = "unrolled"
 
     def __init__(
         self, train_step, lora, gates, optimizer, model: nn.Module, steps: int, max_grad_norm: float
