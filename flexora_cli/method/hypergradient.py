@@ -42,15 +42,22 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1
 class FirstOrder:
     """∇α L_val at the current LoRA weights: what the α pass already computed."""
 
-    def __init__(self, train_step: TrainStep, lora: list[nn.Parameter], gates: LayerGates, optimizer):
-        self.train_step, self.lora, self.gates = train_step, lora, gates
+    def __init__(
+        self,
+        train_step: TrainStep,
+        lora: list[nn.Parameter],
+        gates: LayerGates,
+        optimizer,
+        max_grad_norm: float,
+    ):
+        self.train_step, self.lora, self.gates, self.max_grad_norm = train_step, lora, gates, max_grad_norm
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch AdamW inside accelerate's
         self.device = gates.alpha_hat.device
 
     def before_lora_step(self, train: Collated) -> None:
         """Called before the LoRA step on `train` (at this point the weights are w)."""
 
-    def after_lora_step(self, grad_norm: torch.Tensor, max_grad_norm: float) -> None:
+    def after_lora_step(self, grad_norm: torch.Tensor) -> None:
         """Called after the LoRA update (weights w'); `.grad` still holds the clipped gradient the
         optimizer stepped with, `grad_norm` its norm before clipping."""
 
@@ -94,9 +101,9 @@ class Darts(FirstOrder):
         self.rng = self._rng_snapshot()
         self.weights_before = [p.detach().clone() for p in self.lora]
 
-    def after_lora_step(self, grad_norm: torch.Tensor, max_grad_norm: float) -> None:
+    def after_lora_step(self, grad_norm: torch.Tensor) -> None:
         self.clipped = [p.grad.detach().clone() for p in self.lora]
-        self.grad_norm, self.max_grad_norm = grad_norm.detach(), max_grad_norm
+        self.grad_norm = grad_norm.detach()
         self.lr = self._adam_hyperparameters()[0]  # before the schedule moves it
 
     def correct(self, train: Collated, val: Collated) -> None:
@@ -165,10 +172,10 @@ class Unrolled(FirstOrder):
     """Exact differentiation of L_val through the last K LoRA steps (K = 0: the direct gradient)."""
 
     def __init__(
-        self, train_step, lora, gates, optimizer, model: nn.Module, steps: int, max_grad_norm: float
+        self, train_step, lora, gates, optimizer, max_grad_norm: float, model: nn.Module, steps: int
     ):
-        super().__init__(train_step, lora, gates, optimizer)
-        self.model, self.steps, self.max_grad_norm = model, steps, max_grad_norm
+        super().__init__(train_step, lora, gates, optimizer, max_grad_norm)
+        self.model, self.steps, self.dropout_off = model, steps, DropoutOff(model)
         names = {id(p): name for name, p in model.named_parameters()}
         self.names = [names[id(p)] for p in lora]
         self.alpha_name = names[id(gates.alpha_hat)]
@@ -188,7 +195,7 @@ class Unrolled(FirstOrder):
             "step": states[0]["step"].double() if states[0] else torch.zeros((), dtype=torch.float64, device=self.device),
         })  # fmt: skip
 
-    def after_lora_step(self, grad_norm: torch.Tensor, max_grad_norm: float) -> None:
+    def after_lora_step(self, grad_norm: torch.Tensor) -> None:
         if self.steps:
             self.window[-1]["lr"] = self._adam_hyperparameters()[0]
 
@@ -231,7 +238,7 @@ class Unrolled(FirstOrder):
         unless `replay` gives the RNG state of a training step)."""
         params = dict(zip(self.names, weights)) | {self.alpha_name: alpha}
         total = 0.0
-        context = self._replayed_rng(replay) if replay is not None else _dropout_off(self.model)
+        context = self._replayed_rng(replay) if replay is not None else self.dropout_off()
         with context:
             for micro in batch.micro_batches:
                 micro = micro.to(self.device)
@@ -309,16 +316,13 @@ class DropoutOff:
                 m.training = training
 
 
-def _dropout_off(model: nn.Module):
-    return DropoutOff(model)()
-
-
 def make_hypergradient(
     kind: str, train_step: TrainStep, lora, gates: LayerGates, optimizer, model: nn.Module, search
 ) -> FirstOrder:
     """The hypergradient `search.hypergradient` names, for the unwrapped search module `model`."""
+    common = (train_step, lora, gates, optimizer, search.max_grad_norm)
     if kind == "darts":
-        return Darts(train_step, lora, gates, optimizer)
+        return Darts(*common)
     if kind == "unrolled":
-        return Unrolled(train_step, lora, gates, optimizer, model, search.unroll_steps, search.max_grad_norm)
-    return FirstOrder(train_step, lora, gates, optimizer)
+        return Unrolled(*common, model, search.unroll_steps)
+    return FirstOrder(*common)

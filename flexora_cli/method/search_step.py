@@ -42,7 +42,7 @@ class SearchStep:
         self.hypergradient.before_lora_step(train)
         loss = self.train_step.forward_backward(train)
         norm = self.train_step.update(self.optimizer, self.lora, loss, self.max_grad_norm, step, phase=0)
-        self.hypergradient.after_lora_step(norm, self.max_grad_norm)
+        self.hypergradient.after_lora_step(norm)
         self.schedule.step()
         self._zero_grad()
 

@@ -103,7 +103,7 @@ class Setup:
         loss = self.train_step.forward_backward(batch)
         norm = self.train_step.update(self.optimizer, self.lora, loss, self.max_grad_norm, step)
         if hypergradient:
-            hypergradient.after_lora_step(norm, self.max_grad_norm)
+            hypergradient.after_lora_step(norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.gates.alpha_hat.grad = None
 
