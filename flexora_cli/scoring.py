@@ -155,7 +155,7 @@ def score(
     return run_batches(int(batch_size))
 
 
-def _argmax(values: list[float]) -> int:
+def argmax(values: list[float]) -> int:
     """Index of the largest value; ties go to the lowest index (numpy's argmax, as lm-eval)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
@@ -176,12 +176,12 @@ def choice_metrics(scores: list[list[float]], prompts: list[Prompt]) -> tuple[di
     lengths): argmax of log-likelihood ÷ the choice's length in characters.
     """
     golds = [p.gold for p in prompts]
-    predicted = [_argmax(s) for s in scores]
+    predicted = [argmax(s) for s in scores]
     correct = [p == g for p, g in zip(predicted, golds)]
     metrics = {"n": len(prompts), "acc": sum(correct) / len(prompts), "acc_stderr": mean_stderr(correct)}
     examples = [{"predicted": p, "scores": s} for p, s in zip(predicted, scores)]
     if all(p.choice_chars for p in prompts):
-        normed = [_argmax([v / n for v, n in zip(s, p.choice_chars)]) for s, p in zip(scores, prompts)]
+        normed = [argmax([v / n for v, n in zip(s, p.choice_chars)]) for s, p in zip(scores, prompts)]
         correct_norm = [p == g for p, g in zip(normed, golds)]
         metrics["acc_norm"] = sum(correct_norm) / len(prompts)
         metrics["acc_norm_stderr"] = mean_stderr(correct_norm)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from flexora_cli import report
+from flexora_cli.scoring import argmax
 from flexora_cli.settings import ModelSettings
 
 PLANTED = (8, 15, 22)
@@ -75,7 +76,7 @@ def build(root: Path, spec: ModelSettings, stamp: dict) -> None:
         teacher, scale, disagreement = _plant_teacher(base, tokenizer, records[:64])
         teacher_scores = _scores(teacher, tokenizer, records, lambda n: bar.update(0, advance=n))
     for record, scores in zip(records, teacher_scores):
-        record["label"] = str(max(range(len(scores)), key=scores.__getitem__))
+        record["label"] = str(argmax(scores))
     start = 0
     (root / "data").mkdir(parents=True)
     for split, size in SPLIT_SIZES.items():
@@ -157,7 +158,7 @@ def _plant_teacher(base, tokenizer, probe: list[dict]):
             u = torch.randn(weight.shape[0], 2, generator=generator)
             v = torch.randn(weight.shape[1], 2, generator=generator)
             deltas[index, name] = (u @ v.T) * weight.std() / math.sqrt(2)
-    picks = [_argmax(s) for s in _scores(base, tokenizer, probe)]
+    picks = [argmax(s) for s in _scores(base, tokenizer, probe)]
     teacher = copy.deepcopy(base)
     scale, disagreement = 0.25, 0.0
     while disagreement < 0.5 and scale <= 64:
@@ -165,17 +166,8 @@ def _plant_teacher(base, tokenizer, probe: list[dict]):
             for (index, name), delta in deltas.items():
                 target = getattr(teacher.model.layers[index].self_attn, name).weight
                 target.copy_(getattr(base.model.layers[index].self_attn, name).weight + scale * delta)
-        chosen = [_argmax(s) for s in _scores(teacher, tokenizer, probe)]
+        chosen = [argmax(s) for s in _scores(teacher, tokenizer, probe)]
         disagreement = sum(a != b for a, b in zip(picks, chosen)) / len(probe)
         if disagreement < 0.5:
             scale *= 2
     return teacher, scale, disagreement
-
-
-def _argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=values.__getitem__)
-
-
-def planted_layers(directory: str | Path) -> list[int] | None:
-    stamp = Path(directory).expanduser() / "assets.json"
-    return json.loads(stamp.read_text())["planted_layers"] if stamp.exists() else None
