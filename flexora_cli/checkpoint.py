@@ -3,12 +3,15 @@
 A checkpoint is a folder `<stage>/checkpoints/step-NNNNNNN/` written atomically:
 - `weights.safetensors`: the trainable tensors (LoRA matrices, and α̂ in the search);
 - `state.pt`: optimizer and scheduler states, the step, the loss history, every RNG state
-  (python, numpy, torch, CUDA) and the settings the stage ran with; read with weights_only=True.
+  (python, numpy, torch, CUDA) and the settings the stage ran with; read with weights_only=True;
+- `files.json`: the size and sha256 of both, checked before either is trusted.
 The data position follows from the step (batch orders are seeded per epoch), so it is not stored.
+A damaged newest checkpoint is reported in one line and the previous kept one is used instead.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import signal
@@ -20,8 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexora_cli.errors import ConfigError, FlexoraError
-from flexora_cli.rundir import RunDir, settings_differences, stage_settings
+from flexora_cli.errors import ConfigError, DamagedArtifactError, FlexoraError
+from flexora_cli.manifest import file_problems, fingerprint, settings_differences, stage_settings
+from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
 
 if TYPE_CHECKING:
@@ -80,30 +84,43 @@ class Checkpoints:
         """Training seconds of the stage so far, the runs before a resume included."""
         return self.seconds_before + time.monotonic() - self._clock
 
+    def kept(self) -> list[Path]:
+        """The checkpoints on disk, oldest first."""
+        return sorted(self.dir.glob("step-*")) if self.dir.is_dir() else []
+
     def latest(self) -> Path | None:
-        found = sorted(self.dir.glob("step-*")) if self.dir.is_dir() else []
+        found = self.kept()
         return found[-1] if found else None
 
     def resume(self) -> tuple[int, list[dict]]:
-        """Load the newest checkpoint into the live objects: (step, history); (0, []) when none.
-
-        force=true discards existing checkpoints instead.
+        """Load the newest usable checkpoint into the live objects: (step, history); (0, []) when
+        none. force=true discards existing checkpoints instead.
         """
         from flexora_cli import report
 
         if self.settings.force:
             self.clear()
         if self.engine is not None and self.engine.shards_parameters:
-            report.console.print(
-                f"warning: {self.stage}: no mid-stage checkpoints under FSDP yet (parameters are "
+            report.warn(
+                f"{self.stage}: no mid-stage checkpoints under FSDP yet (parameters are "
                 f"sharded); an interrupted stage starts over"
             )
             return 0, []
-        latest = self.latest()
-        if latest is None:
+        started, damaged = time.perf_counter(), []
+        for path in reversed(self.kept()):
+            try:
+                tensors, state = self.load(path)
+                break
+            except DamagedArtifactError as exc:
+                report.warn(f"{exc}; trying the checkpoint before it")
+                damaged.append(path)
+        else:
+            if damaged:
+                raise DamagedArtifactError(
+                    f"{self.stage}: every kept checkpoint is damaged ({', '.join(p.name for p in damaged)} in "
+                    f"{self.dir}); add force=true to start {self.stage} over"
+                )
             return 0, []
-        started = time.perf_counter()
-        tensors, state = self.load(latest)
         with torch.no_grad():  # in place, so the optimizers keep their references
             for name, parameter in self.trained.items():
                 parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
@@ -111,7 +128,7 @@ class Checkpoints:
             obj.load_state_dict(state[name])
         self.seconds_before, self._clock = state.get("seconds", 0.0), time.monotonic()
         report.console.print(
-            f"{self.stage}: resuming from {latest} (step {state['step']}, "
+            f"{self.stage}: resuming from {path} (step {state['step']}, "
             f"loaded in {time.perf_counter() - started:.2f}s)"
         )
         return state["step"], state["history"]
@@ -155,12 +172,20 @@ class Checkpoints:
                 str(tmp / "weights.safetensors"),
             )
             torch.save(full_state, tmp / "state.pt")
+            files = fingerprint([tmp / "weights.safetensors", tmp / "state.pt"], tmp)
+            (tmp / "files.json").write_text(json.dumps(files, indent=2))
         for old in sorted(self.dir.glob("step-*"))[: -self.settings.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
     def load(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors and state of a checkpoint; refuses one made with other settings."""
+        """Tensors and state of a checkpoint; refuses one made with other settings
+        (ConfigError) and reports a damaged one (DamagedArtifactError)."""
+        problems = _checkpoint_problems(path)
+        if problems:
+            raise DamagedArtifactError(
+                f"{self.stage}: checkpoint {path} is damaged ({'; '.join(problems[:2])})"
+            )
         state = torch.load(path / "state.pt", weights_only=True)
         differing = settings_differences(state["settings"], stage_settings(self.stage, self.settings))
         if differing:
@@ -168,12 +193,26 @@ class Checkpoints:
                 f"{path} was made with other settings ({'; '.join(differing[:6])}); rerun with the "
                 f"same settings to resume, or add force=true to start {self.stage} over"
             )
+        tensors = load_file(str(path / "weights.safetensors"))
+        if missing := sorted(set(self.trained) - set(tensors)):
+            raise DamagedArtifactError(f"{self.stage}: checkpoint {path} lacks {', '.join(missing[:3])}")
         set_rng_state(state["rng"])
-        return load_file(str(path / "weights.safetensors")), state
+        return tensors, state
 
     def clear(self) -> None:
         if self.run_dir.writes:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _checkpoint_problems(path: Path) -> list[str]:
+    """Why a checkpoint folder cannot be trusted ([] when its files match files.json)."""
+    try:
+        files = json.loads((path / "files.json").read_text())
+    except FileNotFoundError:
+        return ["files.json is missing"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return ["files.json is unreadable"]
+    return file_problems(files, path, "the checkpoint")
 
 
 class Interrupted(FlexoraError):

@@ -1,5 +1,7 @@
 """Errors a user can see. The CLI prints `error: <message>` and exits with `exit_code`, no traceback."""
 
+from __future__ import annotations
+
 
 class FlexoraError(Exception):
     """Base class: a problem the user can fix; the message names the problem and the fix."""
@@ -30,6 +32,13 @@ class MissingArtifactError(FlexoraError):
             f"with the same out_dir first (or `flexora run` for the whole pipeline)"
         )
 
+    @classmethod
+    def because(cls, message: str) -> MissingArtifactError:
+        """The error with its own message (e.g. the stage ran but did not complete)."""
+        error = cls.__new__(cls)
+        FlexoraError.__init__(error, message)
+        return error
+
 
 class DamagedArtifactError(FlexoraError):
     """A stage's output file that does not hold what that stage writes (exit 2)."""
@@ -59,3 +68,20 @@ class DiskFullError(FlexoraError):
     """No space left while writing an artifact; the previous file (if any) is untouched (exit 1)."""
 
     exit_code = 1
+
+
+def inject_fault(stage: str, step: int, process_index: int) -> None:
+    """Raise a TrainingError where `FLEXORA_FAULT=<stage>:<step>[:<process>]` says, for the
+    fault-injection tests and scripts/fault_injection.py (a failure on one process of a launch)."""
+    import os
+
+    spec = os.environ.get("FLEXORA_FAULT")
+    if not spec:
+        return
+    want_stage, want_step, *want_process = spec.split(":")
+    if (want_stage, int(want_step)) == (stage, step) and (
+        not want_process or int(want_process[0]) == process_index
+    ):
+        raise TrainingError(
+            f"{stage}: injected fault at step {step} on process {process_index} (FLEXORA_FAULT)"
+        )

@@ -21,6 +21,18 @@ from rich.progress import (
 from rich.table import Table
 
 console = Console(stderr=True)
+
+
+def line(message: str) -> None:
+    """One line on stderr, never wrapped (paths stay whole for logs, greps and copy-paste)."""
+    console.print(message, soft_wrap=True, markup=False, highlight=False)
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line (see `line`)."""
+    line(f"warning: {message}")
+
+
 _plain = False
 
 

@@ -1,16 +1,16 @@
 """The run directory: where every artifact lives, and the only code that writes there.
 
 Every file appears atomically (temp name in the same folder, fsync, rename), so a killed run
-leaves the old file or the new one, never half of one. The manifest records each stage's status
-and the hash of the settings it ran with, which is how `flexora run` knows a stage is complete.
+leaves the old file or the new one, never half of one; it gets the user's umask (0644 typically),
+so colleagues on the same machine can read results. What each stage completed, and the check
+that its files are intact, is manifest.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
-import hashlib
+import functools
 import json
 import os
 import shutil
@@ -20,33 +20,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from flexora_cli import __version__
-from flexora_cli.settings import Settings
-
 STAGES = ("search", "select", "finetune", "eval", "export")
 
-# The settings each stage's output depends on; later stages include earlier ones, so a change
-# upstream invalidates everything downstream.
-_SEARCH_KEYS = (
-    "model",
-    "dataset",
-    "lora",
-    "search",
-    "seed",
-    "format",
-    "max_length",
-    "precision",
-    "group_by_length",
-)
-_STAGE_KEYS = {
-    "search": _SEARCH_KEYS,
-    "select": (*_SEARCH_KEYS, "select"),
-    "finetune": (*_SEARCH_KEYS, "select", "finetune"),
-    "eval": (*_SEARCH_KEYS, "select", "finetune", "eval"),
-    "export": (*_SEARCH_KEYS, "select", "finetune"),
-}
+
+LAUNCH_FAILURE = ".failed"
+"""out_dir/.failed: the first error of a multi-process launch, for the other processes (stages.locked)."""
 
 
 def is_main_process() -> bool:
@@ -129,7 +107,8 @@ class RunDir:
 
         A live holder is an error naming its pid; a dead holder's lock is taken over with a
         warning; this process already holding it (`flexora run` calling a stage) is fine. If the
-        run directory did not exist and the stage leaves nothing in it, it is removed again.
+        run directory did not exist and the stage leaves nothing in it (but a launch's failure note),
+        it is removed again.
         """
         from flexora_cli import report
         from flexora_cli.errors import RunLockedError
@@ -139,7 +118,7 @@ class RunDir:
             return
         path = self.root / ".lock"
         created = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
+        check_writable(self.root)
         while True:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -154,7 +133,7 @@ class RunDir:
                         f"{self.root} is in use by flexora process {holder} ({path}); wait for it to "
                         f"finish or stop it, or give this run another out_dir"
                     ) from None
-                report.console.print(f"warning: taking over the stale lock {path} (process {holder} is gone)")
+                report.warn(f"taking over the stale lock {path} (process {holder} is gone)")
                 path.unlink(missing_ok=True)
         with os.fdopen(fd, "w") as handle:
             handle.write(f"{os.getpid()}\n")
@@ -162,7 +141,10 @@ class RunDir:
             yield
         finally:
             path.unlink(missing_ok=True)
-            if created and not any(self.root.iterdir()):
+            left = list(self.root.iterdir()) if created else []
+            if created and all(p.name == LAUNCH_FAILURE for p in left):  # nothing but a failure note
+                for p in left:
+                    p.unlink(missing_ok=True)
                 self.root.rmdir()
 
     # -- atomic writes ------------------------------------------------------------------------
@@ -193,6 +175,7 @@ class RunDir:
                 yield tmp
                 with open(tmp, "rb+") as handle:
                     os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -219,108 +202,6 @@ class RunDir:
         plt.close(figure)
         return path
 
-    # -- manifest and per-stage config --------------------------------------------------------
-    def read_manifest(self) -> dict:
-        if self.manifest_json.exists():
-            return json.loads(self.manifest_json.read_text())
-        return {"version": __version__, "stages": {}}
-
-    def begin_stage(self, stage: str, settings: Settings) -> None:
-        """Record the stage as running and write the resolved settings beside its outputs."""
-        if not self.writes:
-            return
-        config = OmegaConf.to_yaml(OmegaConf.structured(settings))
-        self.write_text(self.stage_dir(stage) / "config.yaml", config)
-        manifest = self.read_manifest()
-        manifest["version"] = __version__
-        manifest["stages"][stage] = {
-            "status": "running",
-            "config_hash": stage_hash(stage, settings),
-            "started": _now(),
-            "ended": None,
-            "pid": os.getpid(),
-        }
-        self.write_json(self.manifest_json, manifest)
-
-    def end_stage(self, stage: str, **summary: Any) -> None:
-        if not self.writes:
-            return
-        manifest = self.read_manifest()
-        entry = manifest["stages"].setdefault(stage, {})
-        entry.update(status="complete", ended=_now(), **summary)
-        self.write_json(self.manifest_json, manifest)
-
-    def check_upstream(self, upstream: str, this_stage: str, settings: Settings) -> None:
-        """Refuse to build on `upstream`'s outputs if they were made with other settings."""
-        from flexora_cli.errors import ConfigError
-        from flexora_cli.settings import load
-
-        saved_config = self.stage_dir(upstream) / "config.yaml"
-        if not saved_config.exists():
-            return
-        saved = load(OmegaConf.load(saved_config))
-        differing = settings_differences(stage_settings(upstream, saved), stage_settings(upstream, settings))
-        if differing:
-            raise ConfigError(
-                f"{this_stage}: the {upstream} outputs in {self.stage_dir(upstream)} were made with other "
-                f"settings ({'; '.join(differing[:6])}); rerun `flexora {upstream}` (or `flexora run`) with "
-                f"these settings, or use another out_dir"
-            )
-
-    def require_adapter(self, this_stage: str, settings: Settings) -> Path:
-        """This run's fine-tuned adapter, which must exist and match `settings` (check_upstream)."""
-        from flexora_cli.errors import MissingArtifactError
-
-        config = self.adapter_dir / "adapter_config.json"
-        if not config.exists():
-            raise MissingArtifactError(config, "finetune", this_stage)
-        self.check_upstream("finetune", this_stage, settings)
-        return self.adapter_dir
-
-    def mark_failed(self, error: Exception) -> None:
-        """Record `error` on the stages this process left running (failed, or interrupted)."""
-        if not self.writes or not self.manifest_json.exists():
-            return
-        manifest = self.read_manifest()
-        running = [
-            e
-            for e in manifest["stages"].values()
-            if e.get("status") == "running" and e.get("pid") == os.getpid()
-        ]
-        if not running:
-            return
-        status = "interrupted" if getattr(error, "exit_code", None) == 130 else "failed"
-        for entry in running:
-            entry.update(status=status, ended=_now(), error=" ".join(str(error).split()))
-        self.write_json(self.manifest_json, manifest)
-
-    def is_complete(self, stage: str, settings: Settings) -> bool:
-        """True when the stage finished with exactly these settings."""
-        entry = self.read_manifest()["stages"].get(stage, {})
-        return entry.get("status") == "complete" and entry.get("config_hash") == stage_hash(stage, settings)
-
-
-def stage_settings(stage: str, settings: Settings) -> dict:
-    """The settings a stage's outputs depend on, as plain JSON-able values."""
-    as_dict = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
-    for training in ("search", "finetune"):  # how a failure is handled, not what a stage computes
-        as_dict[training].pop("on_nonfinite", None)
-    return {key: as_dict[key] for key in _STAGE_KEYS[stage]}
-
-
-def stage_hash(stage: str, settings: Settings) -> str:
-    """Short hash of the settings a stage's outputs depend on."""
-    relevant = stage_settings(stage, settings)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def settings_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """`key: old then, new now` for every leaf that differs between two settings dicts."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        keys = sorted(set(saved) | set(current))
-        return [d for k in keys for d in settings_differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
-    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} then, {current!r} now"]
-
 
 @contextlib.contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
@@ -335,6 +216,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
                 if item.is_file():
                     with open(item, "rb+") as handle:
                         os.fsync(handle.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -347,11 +229,42 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 
 def read_json(path: Path, stage: str, this_stage: str) -> dict:
     """Read an artifact of an earlier stage, or say which stage writes it."""
-    from flexora_cli.errors import MissingArtifactError
+    from flexora_cli.errors import DamagedArtifactError, MissingArtifactError
 
     if not path.exists():
         raise MissingArtifactError(path, stage, this_stage)
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedArtifactError(
+            f"{this_stage}: {path} is damaged ({str(exc).splitlines()[0][:80]}); rerun `flexora {stage}` "
+            f"with force=true (or `flexora run`)"
+        ) from None
+
+
+def check_writable(root: Path) -> None:
+    """Create `root` and prove a file can be written there, or say in one line why not."""
+    from flexora_cli.errors import ConfigError
+
+    blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"out_dir {root}: {blocker} is a file, not a folder; choose another out_dir")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test."):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"out_dir {root} cannot be written ({reason}); choose a folder you can write to"
+        ) from None
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -388,5 +301,5 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _now() -> str:
+def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")

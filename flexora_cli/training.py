@@ -17,6 +17,8 @@ from torch import nn
 from flexora_cli import report
 from flexora_cli.checkpoint import Checkpoints, StopRequest
 from flexora_cli.engine import Engine
+from flexora_cli.errors import inject_fault
+from flexora_cli.manifest import Manifest
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
 from flexora_cli.step import NonFiniteError, Readout, TrainStep, locate_nonfinite
@@ -43,7 +45,8 @@ class TrainingLoop:
         self.step, self.history = self.checkpoints.resume()
         self.skipped = 0
         """Non-finite steps skipped so far (on_nonfinite=skip, or fp16's scaler), as of the last read."""
-        run_dir.begin_stage(stage, settings)
+        self.manifest = Manifest(run_dir)
+        self.manifest.begin(stage, settings)
         engine.start_tracking(stage, settings)
 
     def run(
@@ -73,6 +76,7 @@ class TrainingLoop:
                 self.step += 1
                 recent[self.step] = batch
                 one_step(self.step, batch)
+                inject_fault(self.stage, self.step, self.engine.process_index)
                 requested = self.checkpoints.stop_requested(stop)
                 logging = self.step % log_every == 0 or self.step == total_steps
                 if logging or requested or self.checkpoints.due(self.step):
@@ -108,10 +112,14 @@ class TrainingLoop:
         norms = {"grad_norm": list(readout.grad_norm)} if readout.grad_norm else {}
         self.history.append({"step": step, **values, **norms})
 
-    def finish(self) -> float:
-        """Mark the stage complete, drop its checkpoints, close the tracker; returns its seconds."""
-        seconds = self.checkpoints.elapsed()
-        self.run_dir.end_stage(self.stage, steps=self.step)
+    def seconds(self) -> float:
+        """Training seconds of the stage, the runs before a resume included."""
+        return self.checkpoints.elapsed()
+
+    def finish(self, outputs: list, inputs: tuple[str, ...] = (), logs: tuple = ()) -> None:
+        """Once the stage's `outputs` (and `logs`) are written: mark it complete with their
+        fingerprint (Manifest.complete), then drop its checkpoints (not before, so a kill in
+        between resumes) and close the tracker."""
+        self.manifest.complete(self.stage, self.settings, outputs, inputs, logs=logs, steps=self.step)
         self.checkpoints.clear()
         self.engine.end_tracking()
-        return seconds

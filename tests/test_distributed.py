@@ -7,9 +7,11 @@ torchrun launcher (`--multi_gpu`) with device=cpu: the same DDP code path, over 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,84 @@ def test_fsdp_launch_without_gpus_is_one_clear_error(demo_dir, tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors and all(e.startswith("error: accelerate cannot start with this launch:") for e in errors)
     assert not (tmp_path / "run").exists()
+
+
+def torchrun(*flags: str) -> list[str]:
+    """A torchrun launch of the CLI; each worker's stdout/stderr go to files under --log-dir."""
+    return [sys.executable, "-m", "torch.distributed.run", *flags, "-m", "flexora_cli.cli"]
+
+
+def worker_stderr(log_dir: Path) -> list[str]:
+    """Each worker's stderr (torchrun --redirects 3), by rank."""
+    return [
+        p.read_text() for p in sorted(log_dir.glob("*/attempt_0/*/stderr.log"), key=lambda p: p.parent.name)
+    ]
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failure_on_one_process_ends_every_process_with_its_error(demo_dir, tmp_path, failing):
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    launch = torchrun("--nproc-per-node", "2", "--log-dir", str(logs), "--redirects", "3")
+    started = time.monotonic()
+    done = subprocess.run(
+        [*launch, "search", *quick(demo_dir, out)],
+        env={**os.environ, "FLEXORA_FAULT": f"search:3:{failing}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and time.monotonic() - started < 60 + 30  # + two CPU start-ups
+    expected = f"error: search: injected fault at step 3 on process {failing} (FLEXORA_FAULT)"
+    for stderr in worker_stderr(logs):
+        assert [line for line in stderr.splitlines() if line.startswith("error:")] == [expected], stderr[
+            -2000:
+        ]
+        assert "Traceback" not in stderr
+    entry = json.loads((out / "manifest.json").read_text())["stages"]["search"]
+    assert entry["status"] == "failed" and entry["error"] == expected.removeprefix("error: ")
+
+
+def test_two_nodes_match_one_process_and_resume_after_a_node_is_killed(demo_dir, tmp_path, capsys):
+    """Two "nodes" of one process each over 127.0.0.1 (gloo): α̂ as one process computes it, and
+    after node 1 is killed mid-search, a relaunch of both resumes from the last checkpoint."""
+    out = tmp_path / "two-nodes"
+    args = [*quick(demo_dir, out), "search.batch_size=4", "checkpoint_every=4"]
+    port = str(29500 + os.getpid() % 1000)
+
+    def node(rank: int) -> subprocess.Popen:
+        flags = ("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1")
+        rendezvous = ("--master-addr", "127.0.0.1", "--master-port", port)
+        return subprocess.Popen(
+            [*torchrun(*flags, *rendezvous), "search", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a process group per node, to kill a node whole
+        )
+
+    nodes = [node(0), node(1)]
+    _wait_for("search/checkpoints/step-*", out, nodes[0])
+    assert nodes[1].poll() is None, nodes[1].communicate()
+    # Node 1 gone without a word: its worker (torchrun gives it a session of its own), then its launcher.
+    for worker in Path(f"/proc/{nodes[1].pid}/task/{nodes[1].pid}/children").read_text().split():
+        os.kill(int(worker), signal.SIGKILL)
+    os.killpg(nodes[1].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = nodes[0].communicate(timeout=120)
+    assert nodes[0].returncode != 0 and time.monotonic() - killed < 60
+    nodes[1].communicate()
+    lost = "error: another process of this launch stopped without an error message (Connection closed by peer"
+    assert [line for line in err.splitlines() if line.startswith("error:")][0].startswith(lost), err[-2000:]
+    entry = json.loads((out / "manifest.json").read_text())["stages"]["search"]
+    assert entry["status"] == "failed" and entry["error"].startswith(lost.removeprefix("error: "))
+
+    nodes = [node(0), node(1)]
+    for launched in nodes:
+        _, err = launched.communicate(timeout=300)
+        assert launched.returncode == 0, err[-3000:]
+    assert json.loads((out / "search" / "alpha.json").read_text())["num_processes"] == 2
+    reference = [*quick(demo_dir, tmp_path / "one"), "search.batch_size=4", "checkpoint_every=4"]
+    assert cli.main(["search", *reference]) == 0
+    torch.testing.assert_close(
+        torch.tensor(alpha(out)), torch.tensor(alpha(tmp_path / "one")), rtol=0, atol=1e-5
+    )

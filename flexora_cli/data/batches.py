@@ -105,6 +105,11 @@ class Batches:
         for indices in self.order(epoch)[skip:]:
             yield [self.features[i] for i in indices]
 
+    def examples_in(self, steps: int) -> int:
+        """How many examples the first `steps` batches hold (the last batch of an epoch may be short)."""
+        epochs, offset = divmod(steps, len(self))
+        return epochs * len(self.features) + sum(len(b) for b in self.order(epochs)[:offset])
+
     def forever(self, skip: int = 0) -> Iterator[list[dict]]:
         """Cycle through epochs (for the α step's validation batches), from batch `skip` on."""
         epoch, skip = divmod(skip, len(self))

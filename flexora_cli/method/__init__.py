@@ -17,7 +17,13 @@ stages/search.py and stages/select.py only load, loop, save and print around the
 from flexora_cli.method.gates import LayerGates, gated_lora_model
 from flexora_cli.method.results import SearchResult, Selection
 from flexora_cli.method.search_step import SearchStep, search_optimizers
-from flexora_cli.method.selection import explicit_layers, positive_layers, ranking, select_layers
+from flexora_cli.method.selection import (
+    explicit_layers,
+    noise_warning,
+    positive_layers,
+    ranking,
+    select_layers,
+)
 from flexora_cli.settings import HYPERGRADIENTS
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "Selection",
     "explicit_layers",
     "gated_lora_model",
+    "noise_warning",
     "positive_layers",
     "ranking",
     "search_optimizers",

@@ -10,6 +10,23 @@ from __future__ import annotations
 from flexora_cli.errors import ConfigError, FlexoraError
 from flexora_cli.settings import SelectSettings
 
+MIN_ALPHA_STEPS = 50
+"""Fewer α steps than this and α̂ has barely moved from 0: the ranking reflects a few batches."""
+MIN_ALPHA_SPREAD = 0.05
+"""α̂'s range (max − min) below this: the layers are indistinguishable, the ranking is noise."""
+
+
+def noise_warning(steps: int, alpha: list[float]) -> str | None:
+    """Why a search's ranking is noise rather than a finding, or None when it is not."""
+    spread = max(alpha) - min(alpha)
+    if steps >= MIN_ALPHA_STEPS and spread >= MIN_ALPHA_SPREAD:
+        return None
+    return (
+        f"the search took {steps} α step(s) and α̂ spans {spread:.3f}: below {MIN_ALPHA_STEPS} steps or a "
+        f"{MIN_ALPHA_SPREAD} spread the ranking is mostly noise; raise search.budget (or search.epochs, "
+        f"search.alpha_lr) before trusting the selection"
+    )
+
 
 def ranking(alpha: list[float]) -> list[int]:
     """Layer indices by α̂, highest first (ties: lower index first)."""

@@ -6,6 +6,8 @@ with every adapter attached under its own name. The loop scores each dataset wit
 lm-eval's metrics; with several processes the prompts are dealt among them and the scores
 gathered. Save: eval/metrics.json (results[dataset][variant]: acc, acc_norm where
 defined, their stderr, n) and eval/predictions.jsonl (per example: gold, each variant's prediction and scores).
+An eval with other eval settings (limit, format, datasets, adapters) than the one in eval/ writes
+into eval/<settings digest>/ instead, so no result is replaced (manifest.Manifest.eval_key).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import Prompt, build_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError, ModelError
+from flexora_cli.manifest import Manifest
 from flexora_cli.modeling import load_model, load_tokenizer
 from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import choice_metrics, score
@@ -34,8 +37,15 @@ from flexora_cli.stages import locked, setup
 def run(cfg: DictConfig | Settings) -> dict:
     # -- setup -------------------------------------------------------------------------------
     settings, run_dir = setup(cfg)
+    manifest = Manifest(run_dir)
+    key = manifest.eval_key(settings)
+    if key != "eval":
+        report.line(
+            f"eval: {run_dir.stage_dir('eval')} holds the run's eval with other eval settings; "
+            f"this one goes to {run_dir.root / key}"
+        )
     eval_format = settings.eval.format or settings.format
-    adapters = _adapter_dirs(settings, run_dir)
+    adapters = _adapter_dirs(settings, manifest)
     tasks: dict[str, tuple[str, list[Prompt]]] = {}
     for name in settings.eval.datasets or [settings.dataset.name]:
         spec = dataset_settings(name, settings)
@@ -45,7 +55,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     tokenizer = load_tokenizer(settings.model)
     model = load_model(settings.model, engine.device, engine.precision)
     model = _attach_adapters(model, adapters, settings)
-    run_dir.begin_stage("eval", settings)
+    manifest.begin("eval", settings, key)
 
     # -- loop: every dataset × every variant ----------------------------------------------------
     variants = (["base"] if settings.eval.include_base else []) + list(adapters)
@@ -75,19 +85,23 @@ def run(cfg: DictConfig | Settings) -> dict:
         "splits": {dataset: split for dataset, (split, _) in tasks.items()},
         "results": results,
     }
-    run_dir.write_jsonl(run_dir.predictions_jsonl, rows)
-    run_dir.write_json(run_dir.metrics_json, summary)
-    run_dir.end_stage("eval", **{f"{d}/{v}_acc": results[d][v]["acc"] for d in results for v in variants})
+    outputs = [run_dir.root / key / "predictions.jsonl", run_dir.root / key / "metrics.json"]
+    run_dir.write_jsonl(outputs[0], rows)
+    run_dir.write_json(outputs[1], summary)
+    accuracies = {f"{d}/{v}_acc": results[d][v]["acc"] for d in results for v in variants}
+    inputs = ("finetune",) if settings.eval.adapters is None else ()
+    manifest.complete("eval", settings, outputs, inputs, key, **accuracies)
     report.console.print(report.metrics_table(summary))
     facts = [f"{len(tasks)} dataset(s) × {len(variants)} variant(s), {eval_format} format"]
-    report.console.print(report.stage_panel("eval", facts, [run_dir.metrics_json, run_dir.predictions_jsonl]))
+    report.console.print(report.stage_panel("eval", facts, outputs[::-1]))
     return summary
 
 
-def _adapter_dirs(settings: Settings, run_dir: RunDir) -> dict[str, Path]:
-    """Variant name → adapter directory: this run's adapter, or each of eval.adapters."""
+def _adapter_dirs(settings: Settings, manifest: Manifest) -> dict[str, Path]:
+    """Variant name → adapter directory: this run's adapter, or each of eval.adapters (verified
+    against their run's manifest when they come from a flexora run)."""
     if settings.eval.adapters is None:
-        return {"adapter": run_dir.require_adapter("eval", settings)}
+        return {"adapter": manifest.require_adapter("eval", settings)}
     found: dict[str, Path] = {}
     for entry in settings.eval.adapters:
         path = Path(entry)
@@ -97,6 +111,8 @@ def _adapter_dirs(settings: Settings, run_dir: RunDir) -> dict[str, Path]:
                 f"eval.adapters: {entry} holds no adapter (looked for {path}/adapter_config.json and "
                 f"{adapter}/adapter_config.json); run `flexora finetune out_dir={entry}` first"
             )
+        if adapter == RunDir(path).adapter_dir:
+            Manifest(RunDir(path)).require("finetune", "eval")
         name = path.name or str(path)
         while name in found or name == "base":
             name += "'"

@@ -12,6 +12,7 @@ from peft import PeftModel
 from flexora_cli import report
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
+from flexora_cli.manifest import Manifest
 from flexora_cli.modeling import load_model, load_tokenizer
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
@@ -20,7 +21,9 @@ from flexora_cli.stages import locked, setup
 @locked
 def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
-    adapter_dir = run_dir.require_adapter("export", settings)
+    manifest = Manifest(run_dir)
+    manifest.check_overwrite("export", settings)
+    adapter_dir = manifest.require_adapter("export", settings)
     if settings.model.quantization != "none":
         raise ConfigError(
             "export merges into full-precision weights; set model.quantization=none "
@@ -30,12 +33,12 @@ def run(cfg: DictConfig | Settings) -> dict:
         engine = Engine(settings)
         tokenizer = load_tokenizer(settings.model)
         model = load_model(settings.model, engine.device, engine.precision)
-        run_dir.begin_stage("export", settings)
+        manifest.begin("export", settings)
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         with run_dir.atomic_dir(run_dir.export_dir) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        run_dir.end_stage("export")
+        manifest.complete("export", settings, [run_dir.export_dir], inputs=("finetune",))
     facts = [f"adapter merged into {settings.model.name_or_path}; loads with AutoModelForCausalLM, no peft"]
     report.console.print(report.stage_panel("export", facts, [run_dir.export_dir]))
     return {"model_dir": str(run_dir.export_dir), "base": settings.model.name_or_path}

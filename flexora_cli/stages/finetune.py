@@ -20,6 +20,7 @@ from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.engine import Engine
+from flexora_cli.manifest import Manifest
 from flexora_cli.method import Selection
 from flexora_cli.modeling import attach_lora, load_model, load_tokenizer
 from flexora_cli.rundir import RunDir
@@ -42,8 +43,10 @@ from flexora_cli.training import TrainingLoop
 def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
     spec = settings.finetune
+    manifest = Manifest(run_dir)
+    manifest.check_overwrite("finetune", settings)
+    manifest.check_upstream("select", "finetune", settings)
     layers = Selection.read(run_dir.selection_json, "select", "finetune").layers
-    run_dir.check_upstream("select", "finetune", settings)
     engine = Engine(settings)
     seed_everything(settings.seed)
 
@@ -58,6 +61,11 @@ def run(cfg: DictConfig | Settings) -> dict:
     peft_model = attach_lora(base, settings.model, settings.lora, layers, settings.gradient_checkpointing)
     params = trainable_parameters(peft_model)
     total_steps = max(1, math.ceil(spec.epochs * len(batches)))
+    if (seen := batches.examples_in(total_steps)) < len(features):
+        report.warn(
+            f"finetune: finetune.epochs={spec.epochs} trains {total_steps} step(s) on {seen} of the "
+            f"{len(features)} training examples (less than one epoch)"
+        )
     optimizer, schedule = adamw_with_schedule(
         params, spec.lr, spec.weight_decay, spec.scheduler, spec.warmup_ratio, total_steps
     )
@@ -96,20 +104,21 @@ def run(cfg: DictConfig | Settings) -> dict:
     with run_dir.atomic_dir(run_dir.adapter_dir) as tmp:
         engine.unwrap(model).lm.save_pretrained(tmp, state_dict=_lm_state(state), safe_serialization=True)
     this_run = time.time() - started  # tokens count this run only
-    seconds = loop.finish()
     tokens_per_second = round(tokens / this_run, 1) if this_run else None
-    result = finetune_result(layers, params, len(examples), engine, loop, seconds, tokens_per_second)
+    examples_seen = batches.examples_in(loop.step)
+    result = finetune_result(layers, params, examples_seen, len(features), engine, loop, tokens_per_second)
     write_outputs(run_dir, engine, result)
+    loop.finish([run_dir.adapter_dir], inputs=("select",), logs=(run_dir.finetune_log_json,))
     return result
 
 
 def finetune_result(
     layers: list[int],
     params: list,
-    examples: int,
+    examples_seen: int,
+    dataset_examples: int,
     engine: Engine,
     loop: TrainingLoop,
-    seconds: float,
     tokens_per_second: float | None,
 ) -> dict:
     """train_log.json: what was trained and how the run went."""
@@ -117,8 +126,9 @@ def finetune_result(
         "layers": layers,
         "trainable_params": sum(p.numel() for p in params),
         "steps": loop.step,
-        "examples": examples,
-        "seconds": round(seconds, 2),
+        "examples": examples_seen,
+        "dataset_examples": dataset_examples,
+        "seconds": round(loop.seconds(), 2),
         "tokens_per_second": tokens_per_second,
         "padding_waste": round(engine.padding_waste(), 4),
         "num_processes": engine.num_processes,

@@ -19,11 +19,13 @@ from flexora_cli.data.datasets import carve_validation, load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
+from flexora_cli.manifest import Manifest
 from flexora_cli.method import (
     LayerGates,
     SearchResult,
     SearchStep,
     gated_lora_model,
+    noise_warning,
     ranking,
     search_optimizers,
 )
@@ -40,6 +42,7 @@ from flexora_cli.training import TrainingLoop
 def run(cfg: DictConfig | Settings) -> SearchResult:
     # -- setup: data; LoRA on every layer, gated per layer; optimizers; the step; the loop -------
     settings, run_dir = setup(cfg)
+    Manifest(run_dir).check_overwrite("search", settings)
     search = settings.search
     engine = Engine(settings)
     check_hypergradient(settings, engine)
@@ -74,11 +77,11 @@ def run(cfg: DictConfig | Settings) -> SearchResult:
     steps = prefetched(pairs, lambda pair: (collate(pair[0]), collate(pair[1])), engine.device.type == "cuda")
     model.train()
     loop.run(steps, total_steps, one_step, on_log, search.log_every, lambda pair, phase: pair[phase])
-    seconds = loop.finish()
 
     # -- save -----------------------------------------------------------------------------------
-    result = search_result(gates, params_per_layer, settings, engine, loop, seconds)
+    result = search_result(gates, params_per_layer, settings, engine, loop, loop.seconds())
     write_outputs(settings, run_dir, engine, result)
+    loop.finish([run_dir.alpha_json])
     return result
 
 
@@ -170,6 +173,8 @@ def write_outputs(settings: Settings, run_dir: RunDir, engine: Engine, result: S
         run_dir.search_loss_png, lambda: report.plot_losses(result.history, ("train_loss", "val_loss"))
     )
     report.console.print(report.alpha_table(result.alpha, result.ranking, planted=planted_layers(settings)))
+    if warning := noise_warning(result.steps, result.alpha):
+        report.warn(f"search: {warning}")
     facts = [
         f"{result.steps} steps in {result.seconds:.0f}s on {engine.num_processes} process(es), "
         f"{engine.precision}; hypergradient {result.hypergradient}",

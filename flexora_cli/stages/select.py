@@ -9,7 +9,8 @@ from omegaconf import DictConfig
 
 from flexora_cli import report
 from flexora_cli.errors import ConfigError
-from flexora_cli.method import SearchResult, Selection, explicit_layers, ranking, select_layers
+from flexora_cli.manifest import Manifest
+from flexora_cli.method import SearchResult, Selection, explicit_layers, noise_warning, ranking, select_layers
 from flexora_cli.modeling import lora_params_per_layer_of
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, planted_layers, setup
@@ -19,14 +20,16 @@ from flexora_cli.stages import locked, planted_layers, setup
 def run(cfg: DictConfig | Settings) -> Selection:
     # -- setup: the ranking to select from (or the explicit layers) ------------------------------
     settings, run_dir = setup(cfg)
+    manifest = Manifest(run_dir)
+    manifest.check_overwrite("select", settings)
     spec = settings.select
     searched = None
     if spec.layers is not None:
         params_per_layer = lora_params_per_layer_of(settings.model, settings.lora)
         layers, rule = explicit_layers(spec, len(params_per_layer)), "explicit"
     else:
+        manifest.check_upstream("search", "select", settings)
         searched = SearchResult.read(run_dir.alpha_json, "search", "select")
-        run_dir.check_upstream("search", "select", settings)
         params_per_layer = searched.lora_params_per_layer
         model_layers = len(lora_params_per_layer_of(settings.model, settings.lora))
         if searched.num_layers != model_layers:
@@ -38,7 +41,7 @@ def run(cfg: DictConfig | Settings) -> Selection:
         rule = spec.rule
 
     # -- save -----------------------------------------------------------------------------------
-    run_dir.begin_stage("select", settings)
+    manifest.begin("select", settings)
     selection = Selection(
         layers=layers,
         rule=rule,
@@ -52,7 +55,8 @@ def run(cfg: DictConfig | Settings) -> Selection:
         run_dir.save_figure(
             run_dir.selection_png, lambda: report.plot_alpha(searched.alpha, searched.history, layers)
         )
-    run_dir.end_stage("select", layers=layers)
+    inputs = ("search",) if searched else ()
+    manifest.complete("select", settings, [run_dir.selection_json], inputs, layers=layers)
     print_selection(settings, run_dir, selection, searched)
     return selection
 
@@ -64,6 +68,8 @@ def print_selection(settings: Settings, run_dir, selection: Selection, searched:
             searched.alpha, selection.ranking, selection.layers, planted_layers(settings)
         )
         report.console.print(table)
+        if warning := noise_warning(searched.steps, searched.alpha):
+            report.warn(f"select: {warning}")
     share = selection.trainable_params / selection.all_layers_params
     facts = [
         f"rule {selection.rule}: layers {selection.layers}",

@@ -96,8 +96,15 @@ def test_run_all_then_skip_complete(tiny_cfg, capsys):
     assert len(results["select"].layers) == 3
     assert run.run(cfg) == {}  # everything complete with the same settings
     assert "already complete" in capsys.readouterr().err
+    with pytest.raises(
+        ConfigError, match=r"select: .* other settings \(select.k: 3 then, 2 now\); add force=true"
+    ):
+        run.run(tiny_cfg("select.rule=top_k", "select.k=2"))  # never replaces a result silently
+    select.run(tiny_cfg("select.rule=top_k", "select.k=2", "force=true"))
     changed = run.run(tiny_cfg("select.rule=top_k", "select.k=2"))
-    assert set(changed) == {"select", "finetune", "eval"}  # search is upstream of the change
+    assert set(changed) == {"finetune", "eval"}  # built from the replaced selection: stale
+    err = " ".join(capsys.readouterr().err.split())
+    assert "finetune runs again: built from select outputs that have changed since" in err
 
 
 def test_explicit_layers_bypass_the_search(tiny_cfg):
@@ -149,8 +156,11 @@ def test_eval_completion_format_several_datasets_and_adapters(tiny_cfg, demo_dir
     # Adapters differ, so their scores do; the base is the base whichever adapter is loaded.
     rows = [json.loads(line) for line in RunDir(cfg.out_dir).predictions_jsonl.read_text().splitlines()]
     assert len(rows) == 24 and any(r["a"]["scores"] != r["b"]["scores"] for r in rows)
+    before = RunDir(cfg.out_dir).metrics_json.read_bytes()
     alone = evaluate.run(tiny_cfg("eval.format=completion", "eval.adapters=[]", "eval.limit=12"))
-    base_rows = [json.loads(line) for line in RunDir(cfg.out_dir).predictions_jsonl.read_text().splitlines()]
+    assert RunDir(cfg.out_dir).metrics_json.read_bytes() == before  # other eval settings: kept
+    (beside,) = RunDir(cfg.out_dir).stage_dir("eval").glob("*/predictions.jsonl")
+    base_rows = [json.loads(line) for line in beside.read_text().splitlines()]
     assert alone["results"]["demo"]["base"]["acc"] == summary["results"]["demo"]["base"]["acc"]
     assert flat(r["base"]["scores"] for r in base_rows) == pytest.approx(
         flat(r["base"]["scores"] for r in rows[:12])
