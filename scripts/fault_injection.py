@@ -1,0 +1,195 @@
+"""Kill `flexora run recipe=demo` at random points and damage its artifacts; count the outcomes.
+
+Kill trials: SIGKILL the run (its whole process group) at a random moment of one of the four
+stages (the same number of trials in each: once the manifest shows the stage running, after a
+time drawn within that stage's duration in a reference run), rerun the same command to the end, and compare the final results with the reference's:
+α̂, the selected layers, the adapter's tensors, the accuracies and every prediction. Damage
+trials: truncate, corrupt or delete one random artifact (a stage output, a record, the manifest,
+or the newest checkpoint of an interrupted search), rerun, and check that the run either
+recovers with results identical to the reference or stops with one clean `error:` line (no
+traceback). Prints one line per trial and a markdown table (docs/errors.md holds the last one).
+
+    python scripts/fault_injection.py --kills 20 --damages 10 --work /tmp/faults
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("search", "select", "finetune", "eval")
+
+
+def command(demo: Path, out: Path) -> list[str]:
+    args = ["recipe=demo", f"demo_assets={demo}", f"out_dir={out}", "checkpoint_every=25", "quiet=true"]
+    return [sys.executable, "-m", "flexora_cli", "run", *args, "plots=false", "tracker=none"]
+
+
+def launch(demo: Path, out: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        command(demo, out),
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
+        start_new_session=True,  # its own process group, killed whole
+        env={**os.environ, **(env or {})},
+    )
+
+
+def stage_running(out: Path) -> str | None:
+    try:
+        stages = json.loads((out / "manifest.json").read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return None
+    running = [s for s in STAGES if stages.get(s, {}).get("status") == "running"]
+    return running[-1] if running else None
+
+
+def reference_run(demo: Path, work: Path) -> tuple[dict, dict[str, tuple[float, float]]]:
+    """The uninterrupted run's results, and each stage's (start, end) seconds after launch."""
+    out = work / "reference"
+    shutil.rmtree(out, ignore_errors=True)
+    started, seen = time.monotonic(), {}
+    process = launch(demo, out, work / "reference.log")
+    while process.poll() is None:
+        stage = stage_running(out)
+        if stage:
+            seen.setdefault(stage, [time.monotonic() - started, 0.0])[1] = time.monotonic() - started
+        time.sleep(0.05)
+    assert process.returncode == 0, (work / "reference.log").read_text()[-3000:]
+    windows: dict[str, tuple[float, float]] = {}
+    for index, stage in enumerate(STAGES):  # a stage too quick to be seen: the gap around it
+        if stage in seen:
+            windows[stage] = tuple(seen[stage])
+        else:
+            before = windows[STAGES[index - 1]][1] if index else 0.0
+            after = next((seen[s][0] for s in STAGES[index + 1 :] if s in seen), before + 1.0)
+            windows[stage] = (before, after)
+    return results(out), windows
+
+
+def results(out: Path) -> dict:
+    """What a run found and produced, without timings."""
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+    alpha = json.loads((out / "search" / "alpha.json").read_text())
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())["results"]
+    return {
+        "alpha": alpha["alpha"],
+        "alpha_history": [h.get("alpha") for h in alpha["history"]],
+        "layers": json.loads((out / "select" / "selection.json").read_text())["layers"],
+        "adapter": digest(out / "finetune" / "adapter" / "adapter_model.safetensors"),
+        "accuracy": {d: {v: m["acc"] for v, m in vs.items()} for d, vs in metrics.items()},
+        "predictions": digest(out / "eval" / "predictions.jsonl"),
+    }
+
+
+def outcome(code: int, log: Path, out: Path, reference: dict) -> str:
+    """identical | differs | clean error | unclean (a traceback, or several error lines)."""
+    err = log.read_text()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    if "Traceback" in err:
+        return "unclean"
+    if code != 0:
+        return "clean error" if len(errors) == 1 and err.rstrip().endswith(errors[0]) else "unclean"
+    return "identical" if results(out) == reference else "differs"
+
+
+def kill_trial(demo: Path, work: Path, index: int, stage: str, after: float, reference: dict) -> dict:
+    """Kill the run `after` seconds into `stage` (once the manifest shows it running), rerun it."""
+    out, log = work / f"kill-{index:02d}", work / f"kill-{index:02d}.log"
+    shutil.rmtree(out, ignore_errors=True)
+    process = launch(demo, out, log)
+    while stage_running(out) != stage and process.poll() is None:
+        time.sleep(0.01)
+    time.sleep(after)
+    killed_in = stage_running(out) or ("finished" if process.poll() is not None else "between stages")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    rerun = launch(demo, out, log)
+    code = rerun.wait()
+    return {"trial": f"kill {index}", "aimed at": stage, "after_s": round(after, 2), "killed in": killed_in,
+            "exit": code, "outcome": outcome(code, log, out, reference)}  # fmt: skip
+
+
+def interrupted_search(demo: Path, work: Path) -> Path:
+    """A search stopped after step 120 (checkpoints 100 and 75 kept), to damage its checkpoints."""
+    out = work / "interrupted"
+    if not out.exists():
+        launch(demo, out, work / "interrupted.log", {"FLEXORA_FAULT": "search:120"}).wait()
+    return out
+
+
+def damage_trial(demo: Path, work: Path, index: int, rng: random.Random, reference: dict) -> dict:
+    out, log = work / f"damage-{index:02d}", work / f"damage-{index:02d}.log"
+    shutil.rmtree(out, ignore_errors=True)
+    if index % 3 == 2:  # one trial in three: the newest checkpoint of a stopped search
+        shutil.copytree(interrupted_search(demo, work), out)
+        newest = sorted((out / "search" / "checkpoints").glob("step-*"))[-1]
+        candidates = sorted(newest.iterdir())
+    else:
+        shutil.copytree(work / "reference", out)
+        manifest = json.loads((out / "manifest.json").read_text())["stages"]
+        files = [out / name for entry in manifest.values() for name in entry.get("files", {})]
+        candidates = sorted({*files, out / "manifest.json", *out.glob("*/outputs.json")})
+    target = rng.choice(candidates)
+    how = rng.choice(["truncate", "corrupt", "delete"])
+    data = target.read_bytes()
+    if how == "truncate":
+        target.write_bytes(data[: rng.randrange(len(data))])
+    elif how == "corrupt":
+        position = rng.randrange(len(data))
+        target.write_bytes(data[:position] + bytes([data[position] ^ 0xFF]) + data[position + 1 :])
+    else:
+        target.unlink()
+    code = launch(demo, out, log).wait()
+    result = outcome(code, log, out, reference)
+    return {"trial": f"damage {index}", "file": str(target.relative_to(out)), "how": how, "exit": code,
+            "outcome": result, "clean": result in ("identical", "clean error")}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--damages", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/flexora-faults"))
+    args = parser.parse_args()
+    from flexora_cli import demo as demo_assets
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    demo = demo_assets.ensure_assets(args.work / "assets")
+    rng = random.Random(args.seed)
+    reference, windows = reference_run(demo, args.work)
+    print(json.dumps({"reference stage windows (s)": windows}), flush=True)
+    trials = []
+    for index in range(args.kills):
+        stage = STAGES[index % len(STAGES)]
+        start, end = windows[stage]
+        trials.append(kill_trial(demo, args.work, index, stage, rng.uniform(0, end - start), reference))
+        print(json.dumps(trials[-1]), flush=True)
+    for index in range(args.damages):
+        trials.append(damage_trial(demo, args.work, index, rng, reference))
+        print(json.dumps(trials[-1]), flush=True)
+    kills = [t for t in trials if t["trial"].startswith("kill")]
+    damages = [t for t in trials if t["trial"].startswith("damage")]
+    print("\n| trials | identical final result | clean (recovered identical, or one error line) |")
+    print("|---|---|---|")
+    print(
+        f"| {len(kills)} kills (SIGKILL) | {sum(t['outcome'] == 'identical' for t in kills)}/{len(kills)} | – |"
+    )
+    recovered = sum(t["outcome"] == "identical" for t in damages)
+    print(
+        f"| {len(damages)} damaged artifacts | {recovered}/{len(damages)} | {sum(t['clean'] for t in damages)}/{len(damages)} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
