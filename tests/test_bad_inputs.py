@@ -282,6 +282,11 @@ CASES = {
     "lock held by a live process": Case(
         [], "{run} is in use by flexora process {ppid} ({run}/.lock)", exit_code=1, prepare=_live_lock
     ),
+    "out_dir is a file": Case(
+        [],
+        "out_dir {run}: {run} is a file, not a folder; choose another out_dir",
+        prepare=lambda tmp, _demo: (tmp / "run").write_text("a file, not a run\n"),
+    ),
     "disk full while writing": Case(
         ["select.layers=[2]"],
         "no space left on the device while writing {run}/select/config.yaml",

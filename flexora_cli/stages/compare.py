@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from flexora_cli import report
+from flexora_cli.manifest import Manifest
 from flexora_cli.method import SearchResult, Selection
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings, dataset_settings
@@ -94,7 +95,8 @@ def _variant(settings: Settings, name: str, layers) -> Settings:
 
 
 def _row(name: str, run_dir: RunDir, settings: Settings, base: bool = False) -> dict:
-    metrics = json.loads(run_dir.metrics_json.read_text())["results"][settings.dataset.name]
+    evaluated = run_dir.root / Manifest(run_dir).eval_key(settings) / "metrics.json"  # where run's eval wrote
+    metrics = json.loads(evaluated.read_text())["results"][settings.dataset.name]
     scored = metrics["base" if base else "adapter"]
     row = {
         "dataset": settings.dataset.name,
