@@ -194,7 +194,7 @@ def test_two_nodes_match_one_process_and_resume_after_a_node_is_killed(demo_dir,
     _, err = nodes[0].communicate(timeout=120)
     assert nodes[0].returncode != 0 and time.monotonic() - killed < 60
     nodes[1].communicate()
-    lost = "error: another process of this launch stopped without an error message (Connection closed by peer"
+    lost = "error: another process of this launch stopped without an error message ("  # gloo: closed or reset
     assert [line for line in err.splitlines() if line.startswith("error:")][0].startswith(lost), err[-2000:]
     entry = json.loads((out / "manifest.json").read_text())["stages"]["search"]
     assert entry["status"] == "failed" and entry["error"].startswith(lost.removeprefix("error: "))
