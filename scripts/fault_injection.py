@@ -1,8 +1,8 @@
 """Kill `flexora run recipe=demo` at random points and damage its artifacts; count the outcomes.
 
 Kill trials: SIGKILL the run (its whole process group) at a random moment of one of the four
-stages (the same number of trials in each: once the manifest shows the stage running, after a
-time drawn within that stage's duration in a reference run), rerun the same command to the end, and compare the final results with the reference's:
+stages (the same number of trials in each: once the stage before it is complete, after a time
+drawn within the span that stage took in a reference run, model loading included), rerun the same command to the end, and compare the final results with the reference's:
 α̂, the selected layers, the adapter's tensors, the accuracies and every prediction. Damage
 trials: truncate, corrupt or delete one random artifact (a stage output, a record, the manifest,
 or the newest checkpoint of an interrupted search), rerun, and check that the run either
@@ -44,36 +44,36 @@ def launch(demo: Path, out: Path, log: Path, env: dict | None = None) -> subproc
     )
 
 
-def stage_running(out: Path) -> str | None:
+def statuses(out: Path) -> dict[str, str]:
     try:
         stages = json.loads((out / "manifest.json").read_text())["stages"]
-    except (OSError, ValueError, KeyError):
-        return None
-    running = [s for s in STAGES if stages.get(s, {}).get("status") == "running"]
+        return {s: stages[s].get("status") for s in STAGES if s in stages}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def stage_running(out: Path) -> str | None:
+    running = [s for s, status in statuses(out).items() if status == "running"]
     return running[-1] if running else None
 
 
-def reference_run(demo: Path, work: Path) -> tuple[dict, dict[str, tuple[float, float]]]:
-    """The uninterrupted run's results, and each stage's (start, end) seconds after launch."""
+def reference_run(demo: Path, work: Path) -> tuple[dict, dict[str, float]]:
+    """The uninterrupted run's results, and the seconds each stage took from the moment the
+    stage before it completed (from the launch for the search) to its own completion."""
     out = work / "reference"
     shutil.rmtree(out, ignore_errors=True)
-    started, seen = time.monotonic(), {}
+    started, completed = time.monotonic(), {}
     process = launch(demo, out, work / "reference.log")
     while process.poll() is None:
-        stage = stage_running(out)
-        if stage:
-            seen.setdefault(stage, [time.monotonic() - started, 0.0])[1] = time.monotonic() - started
-        time.sleep(0.05)
+        for stage, status in statuses(out).items():
+            if status == "complete":
+                completed.setdefault(stage, time.monotonic() - started)
+        time.sleep(0.02)
     assert process.returncode == 0, (work / "reference.log").read_text()[-3000:]
-    windows: dict[str, tuple[float, float]] = {}
-    for index, stage in enumerate(STAGES):  # a stage too quick to be seen: the gap around it
-        if stage in seen:
-            windows[stage] = tuple(seen[stage])
-        else:
-            before = windows[STAGES[index - 1]][1] if index else 0.0
-            after = next((seen[s][0] for s in STAGES[index + 1 :] if s in seen), before + 1.0)
-            windows[stage] = (before, after)
-    return results(out), windows
+    for stage, status in statuses(out).items():
+        completed.setdefault(stage, time.monotonic() - started)
+    ends = [completed[s] for s in STAGES]
+    return results(out), {s: end - begin for s, begin, end in zip(STAGES, [0.0, *ends], ends)}
 
 
 def results(out: Path) -> dict:
@@ -103,15 +103,17 @@ def outcome(code: int, log: Path, out: Path, reference: dict) -> str:
 
 
 def kill_trial(demo: Path, work: Path, index: int, stage: str, after: float, reference: dict) -> dict:
-    """Kill the run `after` seconds into `stage` (once the manifest shows it running), rerun it."""
+    """Kill the run `after` seconds after the stage before `stage` completed, then rerun it."""
     out, log = work / f"kill-{index:02d}", work / f"kill-{index:02d}.log"
     shutil.rmtree(out, ignore_errors=True)
     process = launch(demo, out, log)
-    while stage_running(out) != stage and process.poll() is None:
+    previous = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+    while previous and statuses(out).get(previous) != "complete" and process.poll() is None:
         time.sleep(0.01)
     time.sleep(after)
     killed_in = stage_running(out) or ("finished" if process.poll() is not None else "between stages")
-    os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     rerun = launch(demo, out, log)
     code = rerun.wait()
@@ -167,13 +169,12 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     demo = demo_assets.ensure_assets(args.work / "assets")
     rng = random.Random(args.seed)
-    reference, windows = reference_run(demo, args.work)
-    print(json.dumps({"reference stage windows (s)": windows}), flush=True)
+    reference, spans = reference_run(demo, args.work)
+    print(json.dumps({"reference stage spans (s)": spans}), flush=True)
     trials = []
     for index in range(args.kills):
         stage = STAGES[index % len(STAGES)]
-        start, end = windows[stage]
-        trials.append(kill_trial(demo, args.work, index, stage, rng.uniform(0, end - start), reference))
+        trials.append(kill_trial(demo, args.work, index, stage, rng.uniform(0, spans[stage]), reference))
         print(json.dumps(trials[-1]), flush=True)
     for index in range(args.damages):
         trials.append(damage_trial(demo, args.work, index, rng, reference))
