@@ -91,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "summary":
             return _summary(args, debug)
         args = expand_shorthands(stage, args)
-        if not _HYDRA_OWNED.intersection(args):
+        owned = _HYDRA_OWNED.intersection(args)
+        if not owned:
             precheck(_overrides(args))
+        elif owned <= {"-m", "--multirun"}:  # a sweep: every value checked before the first job
+            for job in sweep_samples(_overrides(args)):
+                precheck(job)
     except FlexoraError as exc:
         if debug:
             raise
@@ -101,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def expand_shorthands(stage: str, args: list[str]) -> list[str]:
-    """`adapters=[..]` → eval.adapters; `dataset=[a,b]` → dataset=a and eval.datasets=[a,b] (eval)
-    or compare.datasets=[a,b] (compare).
+    """`adapters=[..]` → eval.adapters; `print=peft` → select.print; `dataset=[a,b]` → dataset=a
+    and eval.datasets=[a,b] (eval) or compare.datasets=[a,b] (compare).
 
     Hydra would merge a list of dataset configs into one node, silently mixing their fields.
     """
@@ -111,6 +115,8 @@ def expand_shorthands(stage: str, args: list[str]) -> list[str]:
         key, _, value = arg.partition("=")
         if key == "adapters":
             expanded.append(f"eval.adapters={value}")
+        elif key == "print":
+            expanded.append(f"select.print={value}")
         elif key == "dataset" and value.startswith("["):
             if stage not in ("eval", "compare"):
                 raise ConfigError(
@@ -126,6 +132,31 @@ def expand_shorthands(stage: str, args: list[str]) -> list[str]:
     return expanded
 
 
+def sweep_samples(overrides: list[str]) -> list[list[str]]:
+    """Overrides that together try every value of every swept key once (the other swept keys at
+    their first value): len(values) compositions, not the product."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise ConfigError(_hydra_message(exc, overrides)) from exc
+    try:  # a glob() sweep has no values until Hydra knows the options: left to Hydra
+        sweeps = {
+            o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()
+        }
+    except HydraException:
+        return []
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    firsts = {key: f"{key}={values[0]}" for key, values in sweeps.items() if values}
+    samples = []
+    for key, values in sweeps.items():
+        others = [first for other, first in firsts.items() if other != key]
+        samples += [[*fixed, *others, f"{key}={value}"] for value in values]
+    return samples or [fixed]
+
+
 def precheck(overrides: list[str]) -> None:
     """Compose and validate the config once; any problem becomes a ConfigError."""
     import yaml
@@ -139,7 +170,7 @@ def precheck(overrides: list[str]) -> None:
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(_hydra_message(exc)) from exc
+        raise ConfigError(_hydra_message(exc, overrides)) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{mark.name}, line {mark.line + 1}" if mark else "a recipe file"
@@ -220,11 +251,12 @@ def _swept_keys(args: list[str]) -> list[str]:
 
 
 def _job_dir(out_dir: str, swept: list[str]) -> str:
-    """out_dir/key=value,key=value for this multirun job (its overrides of the swept keys)."""
+    """out_dir/key-value+key-value for this multirun job (its overrides of the swept keys): a name
+    that passes back as `out_dir=...` unquoted (no `=` or `,`, which Hydra's grammar reserves)."""
     from hydra.core.hydra_config import HydraConfig
 
     values = dict(o.split("=", 1) for o in HydraConfig.get().overrides.task if "=" in o)
-    name = ",".join(f"{key}={values[key]}" for key in swept if key in values)
+    name = "+".join(f"{key}-{values[key]}" for key in swept if key in values)
     return str(Path(out_dir) / (name.replace("/", "_") or f"job{HydraConfig.get().job.num}"))
 
 
@@ -240,12 +272,20 @@ def _overrides(args: list[str]) -> list[str]:
     return overrides
 
 
-def _hydra_message(exc: Exception) -> str:
-    """One line from Hydra's multi-line errors, with the valid options where it lists them."""
-    from hydra.errors import MissingConfigException
+def _hydra_message(exc: Exception, overrides: list[str] = ()) -> str:
+    """One line from Hydra's multi-line errors, with the valid options where it lists them and the
+    override that does not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, OverrideParseException) or "no viable alternative" in first:
+        for override in overrides:
+            try:
+                OverridesParser.create().parse_override(override)
+            except HydraException:
+                return f"cannot parse the override '{override}' ({first.rstrip('.')}); check its quotes and brackets"
     if isinstance(exc, MissingConfigException) and exc.options:
         group = exc.missing_cfg_file.rsplit("/", 1)[0] if exc.missing_cfg_file else "the group"
         return f"{first.rstrip('.')}; valid options for {group}: {', '.join(sorted(exc.options))}"

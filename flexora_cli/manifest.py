@@ -54,6 +54,7 @@ def stage_settings(stage: str, settings: Settings) -> dict:
     as_dict = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
     for training in ("search", "finetune"):  # how a failure is handled, not what a stage computes
         as_dict[training].pop("on_nonfinite", None)
+    as_dict["select"].pop("print", None)  # how the result is shown
     return {key: as_dict[key] for key in _STAGE_KEYS[stage]}
 
 

@@ -112,9 +112,13 @@ def quantization_config(spec: ModelSettings, compute_dtype: torch.dtype):
 def load_tokenizer(spec: ModelSettings):
     from transformers import AutoTokenizer
 
+    _check_local_path(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            model_dir(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            model_dir(spec),
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            **hub_access(spec),
         )
     except Exception as exc:  # transformers raises OSError/ValueError/... for every "cannot load"
         raise ModelError(_load_failure("tokenizer", spec, exc)) from exc
@@ -136,6 +140,7 @@ def load_model(spec: ModelSettings, device: torch.device, precision: str) -> nn.
         model = AutoModelForCausalLM.from_pretrained(
             model_dir(spec),
             revision=spec.revision,
+            **hub_access(spec),
             dtype=dtype,
             quantization_config=quantization,
             attn_implementation=spec.attn_implementation,
@@ -252,7 +257,10 @@ def lora_params_per_layer_of(spec: ModelSettings, lora: LoraSettings) -> list[in
     _check_local_path(spec)
     try:
         config = AutoConfig.from_pretrained(
-            model_dir(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            model_dir(spec),
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            **hub_access(spec),
         )
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
@@ -345,6 +353,11 @@ def _check_local_path(spec: ModelSettings) -> None:
         return
     path = Path(spec.name_or_path).expanduser()
     looks_local = spec.name_or_path.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.exists():
+        raise ModelError(
+            f"model path {spec.name_or_path} does not exist; check model.name_or_path (a folder saved "
+            f"with save_pretrained, or a hub id such as meta-llama/Meta-Llama-3-8B)"
+        )
     if looks_local and not (path / "config.json").is_file():
         raise ModelError(
             f"model.name_or_path={spec.name_or_path} is not a model directory (no config.json); "
@@ -352,8 +365,44 @@ def _check_local_path(spec: ModelSettings) -> None:
         )
 
 
+def hub_access(spec: ModelSettings) -> dict:
+    """from_pretrained's hub options: local files only when offline (HF_HUB_OFFLINE=1, or the hub
+    unreachable), so a missing model fails at once instead of after minutes of retries."""
+    if spec.gguf_file or Path(spec.name_or_path).expanduser().exists():
+        return {}
+    return {"local_files_only": True} if hub_offline() else {}
+
+
+@functools.cache
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set, or huggingface.co unreachable within 3 s (checked once per process;
+    behind a proxy the hub's own client decides)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    endpoint = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        socket.create_connection((host, int(port or 443)), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
 def _load_failure(what: str, spec: ModelSettings, exc: Exception) -> str:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if hub_access(spec):
+        return (
+            f"cannot load the {what} '{spec.name_or_path}': it is not in the local Hugging Face cache "
+            f"and the hub is offline (HF_HUB_OFFLINE=1 or unreachable); download it on a machine with "
+            f"network access (huggingface-cli download {spec.name_or_path}) or point model.name_or_path "
+            f"at a local folder"
+        )
     return (
         f"cannot load the {what} '{spec.name_or_path}': {reason}; check model.name_or_path "
         f"(a hub id needs network access or a local cache)"

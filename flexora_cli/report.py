@@ -1,4 +1,7 @@
-"""What the user sees: rich progress and tables on stderr, matplotlib figures on disk."""
+"""What the user sees. Results (tables, each stage's closing panel) on stdout, so
+`flexora eval ... > results.txt` keeps them; progress, logs and warnings on stderr; matplotlib
+figures on disk. Results are not cut at 80 columns when they do not go to a terminal: tables
+print whole in a pipe or a file."""
 
 from __future__ import annotations
 
@@ -20,12 +23,34 @@ from rich.progress import (
 )
 from rich.table import Table
 
+_PIPE_WIDTH = 1000  # a pipe or file has no width: wide enough that no table is cut
+
+
+def _results_stream(stderr: bool) -> Console:
+    stream = Console(stderr=stderr)
+    if not stream.is_terminal:
+        stream.width = _PIPE_WIDTH
+    return stream
+
+
 console = Console(stderr=True)
+"""Progress, logs and warnings (stderr; rules and bars keep the terminal's width, or 80)."""
+results = _results_stream(stderr=False)
+"""Tables and closing panels (stdout; stderr instead with print_json=true, whose JSON owns stdout)."""
 
 
 def line(message: str) -> None:
     """One line on stderr, never wrapped (paths stay whole for logs, greps and copy-paste)."""
     console.print(message, soft_wrap=True, markup=False, highlight=False)
+
+
+def result(renderable: object) -> None:
+    """A result (table, panel, the line naming written files) on the results stream; text is
+    printed as it is (`[2, 5]` is not markup), never wrapped."""
+    if isinstance(renderable, str):
+        results.print(renderable, markup=False, highlight=False, soft_wrap=True)
+    else:
+        results.print(renderable)
 
 
 def warn(message: str) -> None:
@@ -36,12 +61,13 @@ def warn(message: str) -> None:
 _plain = False
 
 
-def configure(quiet: bool, main_process: bool = True) -> None:
+def configure(quiet: bool, main_process: bool = True, json_on_stdout: bool = False) -> None:
     """quiet=True, or stderr not being a terminal, turns progress bars into plain log lines.
     Processes after the first of a multi-process launch print nothing but errors."""
-    global _plain
+    global _plain, results
+    results = _results_stream(stderr=json_on_stdout)
     _plain = quiet or not console.is_terminal
-    console.quiet = not main_process
+    console.quiet = results.quiet = not main_process
     if _plain or not main_process:  # transformers' own "Loading weights" bars
         from transformers.utils import logging as hf_logging
 
@@ -108,12 +134,21 @@ def alpha_table(
     peak = max(abs(a) for a in alpha) or 1.0
     for rank, layer in enumerate(ranking, start=1):
         value = alpha[layer]
-        bar = ("[green]" if value > 0 else "[red]") + "█" * max(1, round(12 * abs(value) / peak))
+        bar = signed_bar(value, peak)
         row = [str(rank), str(layer), f"{value:+.4f}", bar, "✓" if selected and layer in selected else ""]
         if planted is not None:
             row.append("✓" if layer in planted else "")
         table.add_row(*row)
     return table
+
+
+def signed_bar(value: float, peak: float, half: int = 10) -> str:
+    """A bar left (negative, red) or right (positive, green) of a `│` axis, its length ∝ |value|,
+    so the sign reads without colour (in a pipe or a log)."""
+    length = round(half * abs(value) / peak) if peak else 0
+    if value >= 0:
+        return " " * half + "│" + f"[green]{'█' * length}[/green]" + " " * (half - length)
+    return " " * (half - length) + f"[red]{'█' * length}[/red]" + "│" + " " * half
 
 
 def stage_panel(stage: str, facts: list[str], files: list[Path]) -> Panel:

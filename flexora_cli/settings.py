@@ -151,6 +151,9 @@ class SelectSettings:
     """Maximum trainable LoRA parameters for rule=budget."""
     layers: Any = None
     """Explicit layer indices or "all": bypasses the search (e.g. the plain-LoRA baseline)."""
+    print: str = "none"
+    """peft: also print the selection as a PEFT LoraConfig and an axolotl config snippet
+    (`flexora select print=peft`), to train it elsewhere. Not part of the result."""
 
 
 @dataclass
@@ -331,6 +334,10 @@ class Settings:
             self.select.rule in SELECT_RULES,
             f"select.rule: {self.select.rule!r} is not one of {', '.join(SELECT_RULES)}",
         )
+        check(
+            self.select.print in ("none", "peft"),
+            f"select.print: {self.select.print!r} is not one of none, peft",
+        )
         if self.select.rule == "top_k" and self.select.layers is None:
             check(
                 self.select.k is not None and self.select.k > 0,
@@ -428,7 +435,11 @@ def load(cfg: DictConfig | Settings) -> Settings:
             resolving = "raised while resolving interpolation: "
             if resolving in str(exc):  # a resolver's own message (e.g. package_dir) says the fix
                 raise ConfigError(_first_line(exc).split(resolving, 1)[1]) from exc
-            raise ConfigError(f"{_first_line(exc)} (check the spelling and type of the override)") from exc
+            key = getattr(exc, "full_key", None)
+            where = f"{key}: " if key and key not in _first_line(exc) else ""
+            raise ConfigError(
+                f"{where}{_first_line(exc)} (check the spelling and type of the override)"
+            ) from exc
     if isinstance(settings.select.layers, (list, tuple)) or OmegaConf.is_list(settings.select.layers):
         settings.select.layers = list(settings.select.layers)
     if isinstance(settings.eval.batch_size, str) and settings.eval.batch_size.isdigit():

@@ -243,7 +243,14 @@ CASES = {
         stage="eval",
     ),
     "model path that is not a model": Case(
-        ["model.name_or_path={tmp}"], "cannot load the tokenizer '{tmp}'", stage="search"
+        ["model.name_or_path={tmp}"],
+        "model.name_or_path={tmp} is not a model directory (no config.json)",
+        stage="search",
+    ),
+    "model path that does not exist": Case(
+        ["model.name_or_path={tmp}/no-model"],
+        "model path {tmp}/no-model does not exist; check model.name_or_path",
+        stage="search",
     ),
     "device=cuda without CUDA": Case(
         ["device=cuda"], "device=cuda but this machine has no CUDA device; use device=cpu or device=auto"

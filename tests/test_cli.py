@@ -43,6 +43,13 @@ def test_cfg_job_prints_the_composed_config():
         (["search", "select.rule=best"], 2, "select.rule: 'best' is not one of positive, top_k, budget"),
         (["search", "lora.r=0", "device=tpu"], 2, "lora.r: must be > 0, got 0; device: 'tpu'"),
         (["select", "recipe=demo", "select.layers=[2,2]"], 2, "duplicate indices"),
+        (["search", "seed=abc"], 2, "seed: Value 'abc' of type 'str' could not be converted to Integer"),
+        (["search", "search.budget=[1,2"], 2, "cannot parse the override 'search.budget=[1,2' (no viable"),
+        (
+            ["run", "-m", "recipe=demo", "lora=r8,r99"],
+            2,
+            "Could not find 'lora/r99'; valid options for lora: r16",
+        ),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code(args, code, message, capsys):
@@ -111,3 +118,26 @@ def test_print_json_puts_the_result_on_stdout(demo_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["layers"] == [2, 5]
+
+
+def test_offline_a_missing_hub_model_fails_at_once_with_one_line(demo_dir, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    from flexora_cli import modeling
+    from flexora_cli.settings import ModelSettings
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    modeling.hub_offline.cache_clear()
+    try:
+        spec = ModelSettings(name="x", name_or_path="nobody/no-such-model")
+        assert modeling.hub_access(spec) == {"local_files_only": True}  # no hub requests, no retries
+        args = ["search", "recipe=demo", f"demo_assets={demo_dir}", "model.name_or_path=nobody/no-such-model"]
+        assert main([*args, f"out_dir={tmp_path / 'run'}"]) == 2
+    finally:
+        modeling.hub_offline.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "error: cannot load the tokenizer 'nobody/no-such-model': it is not in the local Hugging Face "
+        "cache and the hub is offline"
+    )
+    assert not (tmp_path / "run").exists()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,19 @@ def test_degenerate_runs_warn(tmp_path, demo_dir, capsys):
     )
     log = json.loads((tmp_path / "run" / "finetune" / "train_log.json").read_text())
     assert log["steps"] == 1 and log["examples"] == 16 and log["dataset_examples"] == 128
+
+
+def test_eval_results_go_to_stdout(copied, tmp_path):
+    """`flexora eval ... > out.txt` keeps the table and the closing panel; stderr has neither."""
+    run, args = copied
+    with open(tmp_path / "out.txt", "w") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "flexora_cli", "eval", *args, "eval.limit=8"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (tmp_path / "out.txt").read_text()
+    assert "Accuracy (mcq format)" in text and "eval done" in text and "metrics.json" in text
+    assert "Accuracy" not in done.stderr and "eval done" not in done.stderr

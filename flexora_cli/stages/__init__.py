@@ -22,7 +22,7 @@ from flexora_cli.settings import Settings, load
 def setup(cfg: DictConfig | Settings) -> tuple[Settings, RunDir]:
     """Typed, validated settings and the run directory; builds the demo assets when asked."""
     settings = load(cfg)
-    report.configure(settings.quiet, main_process=is_main_process())
+    report.configure(settings.quiet, main_process=is_main_process(), json_on_stdout=settings.print_json)
     if settings.demo_assets and settings.demo_task == "smollm2":
         from flexora_cli import smollm2_demo
 

@@ -83,8 +83,8 @@ def _save(run_dir: RunDir, rows: list[dict], model: str) -> None:
     run_dir.write_json(compare_dir / "results.json", {"datasets": datasets, "model": model, "rows": rows})
     run_dir.write_text(compare_dir / "table.md", _markdown(rows))
     run_dir.write_text(compare_dir / "table.csv", _csv(rows))
-    report.console.print(_table(rows, ", ".join(datasets)))
-    report.console.print(f"compare: wrote {compare_dir}/table.md, table.csv, results.json")
+    report.result(_table(rows, ", ".join(datasets)))
+    report.result(f"compare: wrote {compare_dir}/table.md, table.csv, results.json")
 
 
 def _variant(settings: Settings, name: str, layers) -> Settings:

@@ -91,9 +91,9 @@ def run(cfg: DictConfig | Settings) -> dict:
     accuracies = {f"{d}/{v}_acc": results[d][v]["acc"] for d in results for v in variants}
     inputs = ("finetune",) if settings.eval.adapters is None else ()
     manifest.complete("eval", settings, outputs, inputs, key, **accuracies)
-    report.console.print(report.metrics_table(summary))
+    report.result(report.metrics_table(summary))
     facts = [f"{len(tasks)} dataset(s) × {len(variants)} variant(s), {eval_format} format"]
-    report.console.print(report.stage_panel("eval", facts, outputs[::-1]))
+    report.result(report.stage_panel("eval", facts, outputs[::-1]))
     return summary
 
 

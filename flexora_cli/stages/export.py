@@ -40,5 +40,5 @@ def run(cfg: DictConfig | Settings) -> dict:
             tokenizer.save_pretrained(tmp)
         manifest.complete("export", settings, [run_dir.export_dir], inputs=("finetune",))
     facts = [f"adapter merged into {settings.model.name_or_path}; loads with AutoModelForCausalLM, no peft"]
-    report.console.print(report.stage_panel("export", facts, [run_dir.export_dir]))
+    report.result(report.stage_panel("export", facts, [run_dir.export_dir]))
     return {"model_dir": str(run_dir.export_dir), "base": settings.model.name_or_path}

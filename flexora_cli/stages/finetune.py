@@ -166,7 +166,7 @@ def write_outputs(run_dir: RunDir, engine: Engine, result: dict) -> None:
         f"{engine.precision}; padding {result['padding_waste']:.0%} of tokens",
     ]
     files = [run_dir.adapter_dir, run_dir.finetune_log_json, run_dir.finetune_loss_png]
-    report.console.print(report.stage_panel("finetune", facts, files + [run_dir.root / "logs" / "finetune"]))
+    report.result(report.stage_panel("finetune", facts, files + [run_dir.root / "logs" / "finetune"]))
 
 
 def _lm_state(state: dict) -> dict:

@@ -172,7 +172,7 @@ def write_outputs(settings: Settings, run_dir: RunDir, engine: Engine, result: S
     run_dir.save_figure(
         run_dir.search_loss_png, lambda: report.plot_losses(result.history, ("train_loss", "val_loss"))
     )
-    report.console.print(report.alpha_table(result.alpha, result.ranking, planted=planted_layers(settings)))
+    report.result(report.alpha_table(result.alpha, result.ranking, planted=planted_layers(settings)))
     if warning := noise_warning(result.steps, result.alpha):
         report.warn(f"search: {warning}")
     facts = [
@@ -181,4 +181,4 @@ def write_outputs(settings: Settings, run_dir: RunDir, engine: Engine, result: S
         f"top layers: {', '.join(map(str, result.ranking[:5]))}; padding {result.padding_waste:.0%} of tokens",
     ]
     files = [run_dir.alpha_json, run_dir.alpha_png, run_dir.search_loss_png, run_dir.root / "logs" / "search"]
-    report.console.print(report.stage_panel("search", facts, files))
+    report.result(report.stage_panel("search", facts, files))

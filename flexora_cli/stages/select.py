@@ -11,7 +11,7 @@ from flexora_cli import report
 from flexora_cli.errors import ConfigError
 from flexora_cli.manifest import Manifest
 from flexora_cli.method import SearchResult, Selection, explicit_layers, noise_warning, ranking, select_layers
-from flexora_cli.modeling import lora_params_per_layer_of
+from flexora_cli.modeling import lora_config, lora_params_per_layer_of
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, planted_layers, setup
 
@@ -67,7 +67,7 @@ def print_selection(settings: Settings, run_dir, selection: Selection, searched:
         table = report.alpha_table(
             searched.alpha, selection.ranking, selection.layers, planted_layers(settings)
         )
-        report.console.print(table)
+        report.result(table)
         if warning := noise_warning(searched.steps, searched.alpha):
             report.warn(f"select: {warning}")
     share = selection.trainable_params / selection.all_layers_params
@@ -75,4 +75,28 @@ def print_selection(settings: Settings, run_dir, selection: Selection, searched:
         f"rule {selection.rule}: layers {selection.layers}",
         f"{selection.trainable_params:,} trainable LoRA parameters ({share:.0%} of LoRA on all layers)",
     ]
-    report.console.print(report.stage_panel("select", facts, [run_dir.selection_json, run_dir.selection_png]))
+    report.result(report.stage_panel("select", facts, [run_dir.selection_json, run_dir.selection_png]))
+    if settings.select.print == "peft":
+        report.result(sharing_snippets(settings, selection.layers))
+
+
+def sharing_snippets(settings: Settings, layers: list[int]) -> str:
+    """The selection as the PEFT LoraConfig finetune uses (modeling.lora_config) and as the
+    matching axolotl settings, to train the same layers with those tools."""
+    config = lora_config(settings.model, settings.lora, layers)
+    peft = (
+        f"LoraConfig(r={config.r}, lora_alpha={config.lora_alpha}, lora_dropout={config.lora_dropout}, "
+        f"target_modules={sorted(config.target_modules)}, layers_to_transform={config.layers_to_transform}, "
+        f'layers_pattern="{config.layers_pattern}", task_type="CAUSAL_LM")'
+    )
+    axolotl = "\n".join(
+        [
+            "adapter: lora",
+            f"lora_r: {config.r}",
+            f"lora_alpha: {config.lora_alpha:g}",
+            f"lora_dropout: {config.lora_dropout}",
+            f"lora_target_modules: [{', '.join(sorted(config.target_modules))}]",
+            f"peft_layers_to_transform: {config.layers_to_transform}",
+        ]
+    )
+    return f"# PEFT (from peft import LoraConfig)\n{peft}\n\n# axolotl (config.yml)\n{axolotl}"

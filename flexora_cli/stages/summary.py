@@ -43,8 +43,8 @@ def run(directory: str) -> dict:
     writer.write_json(root / "summary.json", summary)
     writer.write_text(root / "summary.md", _markdown(columns, rows))
     writer.write_text(root / "summary.csv", _csv(columns, rows))
-    report.console.print(_table(columns, rows, root))
-    report.console.print(f"summary: {len(rows)} runs; wrote {root}/summary.md, summary.csv, summary.json")
+    report.result(_table(columns, rows, root))
+    report.result(f"summary: {len(rows)} runs; wrote {root}/summary.md, summary.csv, summary.json")
     return summary
 
 

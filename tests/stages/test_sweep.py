@@ -24,7 +24,7 @@ def test_multirun_jobs_get_their_own_run_directories_and_summary_collects_them(d
     args = ["run", "-m", "recipe=demo", f"demo_assets={demo_dir}", f"out_dir={sweep}", *QUICK, "lora=r4,r8"]
     assert cli.main(args) == 0
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["lora=r4", "lora=r8"]
+    assert jobs == ["lora-r4", "lora-r8"]  # passes back unquoted: out_dir=.../lora-r8
     for job in jobs:
         manifest = json.loads((sweep / job / "manifest.json").read_text())
         assert manifest["stages"]["eval"]["status"] == "complete"
@@ -33,12 +33,21 @@ def test_multirun_jobs_get_their_own_run_directories_and_summary_collects_them(d
     assert cli.main(["summary", str(sweep), "print_json=true"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert "lora.r" in summary["varying"] and "seed" not in summary["varying"]
-    assert [row["run"] for row in summary["rows"]] == ["lora=r4", "lora=r8"]
+    assert [row["run"] for row in summary["rows"]] == ["lora-r4", "lora-r8"]
     assert [row["lora.r"] for row in summary["rows"]] == [4, 8]
     assert all(row["demo/adapter"].count("±") == 1 and row["layers"] for row in summary["rows"])
     table = (sweep / "summary.md").read_text().splitlines()
     assert table[0].startswith("| run |") and len(table) == 4
     assert json.loads((sweep / "summary.json").read_text()) == summary
+
+
+def test_a_bad_sweep_value_is_one_error_before_any_job_runs(demo_dir, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["run", "-m", "recipe=demo", f"demo_assets={demo_dir}", f"out_dir={sweep}", *QUICK, "lora=r4,r99"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: In 'config': Could not find 'lora/r99'")
+    assert not sweep.exists()  # not even the r4 job ran
 
 
 def test_summary_of_a_folder_without_runs_is_one_clear_error(tmp_path, capsys):
