@@ -216,9 +216,12 @@ def _run_hydra(stage: str, args: list[str], debug: bool) -> int:
 
 def _summary(args: list[str], debug: bool) -> int:
     """`flexora summary DIR [print_json=true]`: no config to compose, just a folder to read."""
+    from flexora_cli import report
     from flexora_cli.stages import summary
 
     folders = [a for a in args if "=" not in a and not a.startswith("-")]
+    as_json = any(a.lower() in ("print_json=true", "print_json=1") for a in args)
+    report.configure(quiet=False, json_on_stdout=as_json)  # the JSON alone on stdout, if asked
     try:
         if len(folders) != 1:
             raise ConfigError("usage: flexora summary DIR (the folder holding a sweep's run directories)")
@@ -227,7 +230,7 @@ def _summary(args: list[str], debug: bool) -> int:
         if debug:
             raise
         return _fail(exc)
-    if any(a.lower() in ("print_json=true", "print_json=1") for a in args):
+    if as_json:
         print(json.dumps(result, default=str))
     return 0
 
