@@ -125,7 +125,7 @@ CASES = {
         ["search.budgett=5"], "Could not override 'search.budgett': no such setting"
     ),
     "wrong value type": Case(
-        ["search.budget=lots"], "Value 'lots' of type 'str' could not be converted to Integer"
+        ["search.budget=lots"], "search.budget: Value 'lots' of type 'str' could not be converted to Integer"
     ),
     "invalid value": Case(
         ["lora.r=0", "search.batch_size=-1"],
