@@ -23,7 +23,7 @@ from typing import Any
 
 from flexora_cli import __version__, report
 from flexora_cli.errors import ConfigError, DamagedArtifactError, MissingArtifactError
-from flexora_cli.rundir import RunDir, now
+from flexora_cli.rundir import RunDir, now, sha256_of
 from flexora_cli.settings import Settings
 
 # The settings each stage's output depends on; later stages include earlier ones, so a change
@@ -70,14 +70,6 @@ def settings_differences(saved: Any, current: Any, prefix: str = "") -> list[str
         keys = sorted(set(saved) | set(current))
         return [d for k in keys for d in settings_differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
     return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} then, {current!r} now"]
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fingerprint(paths: list[Path], root: Path) -> dict[str, dict]:

@@ -305,13 +305,9 @@ def gguf_cache_dir(source: Path) -> Path:
 def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
     """A file's sha256, once per process for a given size and modification time (a stage loads
     the tokenizer, the config and the model: one read of a multi-GB file, not three)."""
-    import hashlib
+    from flexora_cli.rundir import sha256_of
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(path)
 
 
 def _convert_gguf(source: Path, cache: Path) -> None:
