@@ -183,6 +183,8 @@ def lora_config(spec: ModelSettings, lora: LoraSettings, layers: list[int] | Non
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(spec.target_modules),
+        use_rslora=lora.variant == "rslora",
+        use_dora=lora.variant == "dora",
         layers_to_transform=sorted(layers) if layers is not None else None,
         layers_pattern=spec.layers_path.split(".")[-1] if layers is not None else None,
         task_type="CAUSAL_LM",
@@ -232,13 +234,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def lora_params_per_layer(model: nn.Module, spec: ModelSettings, lora: LoraSettings) -> list[int]:
-    """Trainable LoRA parameters each layer would get: r · (in + out) per target linear module."""
+    """Trainable LoRA parameters each layer would get: r · (in + out) per target linear module,
+    plus DoRA's magnitude vector (out) with lora.variant=dora."""
+    magnitude = 1 if lora.variant == "dora" else 0
     counts = []
     for layer in get_layers(model, spec.layers_path):
         total = 0
         for name, module in layer.named_modules():
             if name.split(".")[-1] in spec.target_modules and hasattr(module, "in_features"):
-                total += lora.r * (module.in_features + module.out_features)
+                total += lora.r * (module.in_features + module.out_features) + magnitude * module.out_features
         counts.append(total)
     if not any(counts):
         raise ModelError(

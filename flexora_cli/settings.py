@@ -25,6 +25,7 @@ FORMATS = ("mcq", "completion")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRACKERS = ("auto", "none", "tensorboard", "wandb")
 ON_NONFINITE = ("error", "skip")
+LORA_VARIANTS = ("lora", "dora", "rslora")
 HYPERGRADIENTS = ("first_order", "darts", "unrolled")
 DEMO_TASKS = ("tiny", "smollm2")
 
@@ -95,6 +96,11 @@ class LoraSettings:
     """LoRA alpha; the LoRA output is scaled by alpha / r."""
     dropout: float = 0.05
     """Dropout on the LoRA input."""
+    variant: str = "lora"
+    """lora; rslora (peft's use_rslora: the path scaled by alpha/sqrt(r), not alpha/r); or dora
+    (peft's use_dora: weight-decomposed). The search gates plain LoRA (with rslora's scaling)
+    whichever is chosen: a gate on DoRA's low-rank path would leave its weight norm ungated, so
+    α would not scale the adapter's effect. finetune trains the chosen variant."""
 
 
 @dataclass
@@ -316,6 +322,10 @@ class Settings:
         )
         check(self.lora.r > 0, f"lora.r: must be > 0, got {self.lora.r}")
         check(0.0 <= self.lora.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
+        check(
+            self.lora.variant in LORA_VARIANTS,
+            f"lora.variant: {self.lora.variant!r} is not one of {', '.join(LORA_VARIANTS)}",
+        )
         for key in ("budget", "val_samples", "epochs", "batch_size", "grad_accum", "log_every"):
             value = getattr(self.search, key)
             check(value > 0, f"search.{key}: must be > 0, got {value}")

@@ -10,6 +10,7 @@ needs little more memory than LoRA. The base path W x is untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -17,7 +18,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from flexora_cli.modeling import attach_lora, get_layers
-from flexora_cli.settings import Settings
+from flexora_cli.settings import LoraSettings, Settings
 from flexora_cli.step import AnswerLM
 
 
@@ -82,10 +83,18 @@ class LayerGates(nn.Module):
         self.alpha_hat.sub_(self.alpha_hat.mean())
 
 
+def gated_lora(lora: LoraSettings) -> LoraSettings:
+    """The LoRA the search gates: DoRA becomes plain LoRA (its weight norm would stay ungated,
+    LoraSettings.variant); rslora keeps its scaling, which the gate multiplies like any other."""
+    return dataclasses.replace(lora, variant="lora") if lora.variant == "dora" else lora
+
+
 def gated_lora_model(base: nn.Module, settings: Settings) -> tuple[AnswerLM, LayerGates]:
     """LoRA on every layer of `base`, each layer's LoRA paths gated by its α, as the
     module the step trains (the gates inside it, so DDP averages α̂'s gradient like LoRA's)."""
-    peft_model = attach_lora(base, settings.model, settings.lora, None, settings.gradient_checkpointing)
+    peft_model = attach_lora(
+        base, settings.model, gated_lora(settings.lora), None, settings.gradient_checkpointing
+    )
     layers = get_layers(peft_model, settings.model.layers_path)
     gates = LayerGates(len(layers)).to(next(base.parameters()).device)
     gates.attach(layers)

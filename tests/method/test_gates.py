@@ -31,17 +31,26 @@ class Stack(nn.Module):
         return x
 
 
-def lora_stack(seed: int = 0):
+def lora_stack(seed: int = 0, variant: str = "lora"):
     torch.manual_seed(seed)
-    model = get_peft_model(Stack(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj"],
+        use_rslora=variant == "rslora",
+        use_dora=variant == "dora",
+    )
+    model = get_peft_model(Stack(), config)
     for name, param in model.named_parameters():  # non-zero B so the LoRA path contributes
         if "lora_B" in name:
             nn.init.normal_(param, std=0.5)
     return model
 
 
-def test_alpha_zero_is_plain_lora():
-    model = lora_stack()
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_alpha_zero_is_plain_lora(variant):
+    """α = 1 reproduces plain PEFT output exactly, for every lora.variant."""
+    model = lora_stack(variant=variant)
     x = torch.randn(4, 6)
     plain = model(x)
     gates = LayerGates(3)
@@ -50,8 +59,9 @@ def test_alpha_zero_is_plain_lora():
     assert torch.allclose(model(x), plain, atol=0, rtol=0)
 
 
-def test_gate_scales_each_lora_output_exactly_once():
-    model = lora_stack()
+@pytest.mark.parametrize("variant", ["lora", "rslora"])
+def test_gate_scales_each_lora_output_exactly_once(variant):
+    model = lora_stack(variant=variant)
     layer = model.base_model.model.layers[1]
     x = torch.randn(4, 6)
     base_out = layer.q_proj.base_layer(x)
@@ -67,6 +77,26 @@ def test_gate_scales_each_lora_output_exactly_once():
     assert torch.allclose(layer.q_proj.base_layer(x), base_out)  # W x untouched
     gates.detach()
     assert torch.allclose(layer.q_proj(x) - base_out, lora_delta, atol=1e-6)
+
+
+def test_dora_is_not_gated_so_the_search_gates_plain_lora():
+    """On DoRA the gate would scale B A x but not the weight norm it is divided by: the adapter's
+    effect does not scale by α. So the search gates plain LoRA, and finetune trains DoRA."""
+    from flexora_cli.method.gates import gated_lora
+    from flexora_cli.settings import LoraSettings
+
+    model = lora_stack(variant="dora")
+    layer = model.base_model.model.layers[1]
+    x = torch.randn(4, 6)
+    base_out = layer.q_proj.base_layer(x)
+    delta = layer.q_proj(x) - base_out
+    gates = LayerGates(3)
+    gates.attach(model.base_model.model.layers)
+    with torch.no_grad():
+        gates.alpha_hat.copy_(torch.tensor([0.3, 1.1, -0.2]))
+    assert not torch.allclose(layer.q_proj(x) - base_out, gates.alphas()[1] * delta, atol=1e-3)
+    assert gated_lora(LoraSettings(variant="dora")).variant == "lora"
+    assert gated_lora(LoraSettings(variant="rslora")).variant == "rslora"
 
 
 def test_alphas_sum_to_num_layers():

@@ -285,3 +285,13 @@ def test_qlora_runs_every_stage_on_the_4bit_base(tiny_cfg):
     assert any(abs(a) > 1e-4 for a in results["search"].alpha)  # the gates on quantized layers learn
     adapter = results["eval"]["results"]["demo"]["adapter"]
     assert adapter["n"] == 40 and 0 <= adapter["acc"] <= 1
+
+
+def test_dora_finetune_after_a_plain_lora_search(tiny_cfg):
+    """lora.variant=dora: the search gates plain LoRA, finetune trains DoRA on the selected
+    layers, and eval loads the DoRA adapter; the selection counts DoRA's magnitude vectors."""
+    results = run.run(tiny_cfg("lora.variant=dora", "select.rule=top_k", "select.k=2"))
+    adapter = json.loads((RunDir(tiny_cfg().out_dir).adapter_dir / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True and adapter["layers_to_transform"] == results["select"].layers
+    assert results["finetune"]["trainable_params"] == results["select"].trainable_params
+    assert results["eval"]["results"]["demo"]["adapter"]["n"] == 40
