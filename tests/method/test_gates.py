@@ -59,8 +59,10 @@ def test_alpha_zero_is_plain_lora(variant):
     assert torch.allclose(model(x), plain, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora"])
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
 def test_gate_scales_each_lora_output_exactly_once(variant):
+    """α once, not α² or α·(input). Not on DoRA: there the gate would scale B A x but not the
+    weight norm DoRA divides by, so the adapter's effect does not scale by α (see below)."""
     model = lora_stack(variant=variant)
     layer = model.base_model.model.layers[1]
     x = torch.randn(4, 6)
@@ -73,28 +75,18 @@ def test_gate_scales_each_lora_output_exactly_once(variant):
     alpha = gates.alphas()[1]
     assert not torch.isclose(alpha, torch.tensor(1.0))
     gated_delta = layer.q_proj(x) - base_out
-    assert torch.allclose(gated_delta, alpha * lora_delta, atol=1e-6)  # α once, not α² or α·(input)
+    assert torch.allclose(gated_delta, alpha * lora_delta, atol=1e-6) == (variant != "dora")
     assert torch.allclose(layer.q_proj.base_layer(x), base_out)  # W x untouched
     gates.detach()
     assert torch.allclose(layer.q_proj(x) - base_out, lora_delta, atol=1e-6)
 
 
-def test_dora_is_not_gated_so_the_search_gates_plain_lora():
-    """On DoRA the gate would scale B A x but not the weight norm it is divided by: the adapter's
-    effect does not scale by α. So the search gates plain LoRA, and finetune trains DoRA."""
+def test_the_search_gates_plain_lora_in_place_of_dora():
+    """So the search gates plain LoRA when lora.variant=dora (finetune trains DoRA); rslora's
+    scaling is gated like any other."""
     from flexora_cli.method.gates import gated_lora
     from flexora_cli.settings import LoraSettings
 
-    model = lora_stack(variant="dora")
-    layer = model.base_model.model.layers[1]
-    x = torch.randn(4, 6)
-    base_out = layer.q_proj.base_layer(x)
-    delta = layer.q_proj(x) - base_out
-    gates = LayerGates(3)
-    gates.attach(model.base_model.model.layers)
-    with torch.no_grad():
-        gates.alpha_hat.copy_(torch.tensor([0.3, 1.1, -0.2]))
-    assert not torch.allclose(layer.q_proj(x) - base_out, gates.alphas()[1] * delta, atol=1e-3)
     assert gated_lora(LoraSettings(variant="dora")).variant == "lora"
     assert gated_lora(LoraSettings(variant="rslora")).variant == "rslora"
 
