@@ -303,14 +303,20 @@ class Manifest:
         path = self.run_dir.stage_dir(stage) / "config.yaml"
         return stage_settings(stage, load(OmegaConf.load(path))) if path.exists() else None
 
+    def _replaced_differences(self, stage: str, settings: Settings, key: str) -> list[str]:
+        """The settings that differ between these and `key`'s complete, current result ([] when
+        there is none, with force=true, or when its inputs have changed since: it is stale)."""
+        entry = self.entry(key)
+        if settings.force or entry.get("status") != "complete" or self.stale_inputs(key):
+            return []
+        if entry.get("config_hash") == stage_hash(stage, settings):
+            return []
+        return settings_differences(entry.get("settings", {}), stage_settings(stage, settings))
+
     def check_overwrite(self, stage: str, settings: Settings, key: str | None = None) -> None:
         """Refuse to replace a complete, current result made with other settings (force=true may)."""
         key = key or stage
-        entry = self.entry(key)
-        if settings.force or entry.get("status") != "complete" or self.stale_inputs(key):
-            return
-        differing = settings_differences(entry.get("settings", {}), stage_settings(stage, settings))
-        if entry.get("config_hash") != stage_hash(stage, settings) and differing:
+        if differing := self._replaced_differences(stage, settings, key):
             raise ConfigError(
                 f"{stage}: {self.run_dir.root / key} holds a complete result made with other settings "
                 f"({'; '.join(differing[:6])}); add force=true to replace it, or use another out_dir"
@@ -319,10 +325,7 @@ class Manifest:
     def eval_key(self, settings: Settings) -> str:
         """`eval`, or `eval/<digest>` when `eval/` holds a current result made with other eval
         settings only (another limit, format, datasets or adapters): that result is kept."""
-        entry = self.entry("eval")
-        if settings.force or entry.get("status") != "complete" or self.stale_inputs("eval"):
-            return "eval"
-        differing = settings_differences(entry.get("settings", {}), stage_settings("eval", settings))
+        differing = self._replaced_differences("eval", settings, "eval")
         if differing and all(d.startswith("eval.") for d in differing):
             return f"eval/{stage_hash('eval', settings)[:8]}"
         return "eval"
