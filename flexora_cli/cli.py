@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def expand_shorthands(stage: str, args: list[str]) -> list[str]:
-    """`adapters=[..]` → eval.adapters; `print=peft` → select.print; `dataset=[a,b]` → dataset=a
+    """`adapters=[..]`, `evaluator=`, `tasks=[..]` → eval.*; `print=peft` → select.print; `dataset=[a,b]` → dataset=a
     and eval.datasets=[a,b] (eval) or compare.datasets=[a,b] (compare).
 
     Hydra would merge a list of dataset configs into one node, silently mixing their fields.
@@ -113,8 +113,8 @@ def expand_shorthands(stage: str, args: list[str]) -> list[str]:
     expanded = []
     for arg in args:
         key, _, value = arg.partition("=")
-        if key == "adapters":
-            expanded.append(f"eval.adapters={value}")
+        if key in ("adapters", "evaluator", "tasks"):
+            expanded.append(f"eval.{key}={value}")
         elif key == "print":
             expanded.append(f"select.print={value}")
         elif key == "dataset" and value.startswith("["):

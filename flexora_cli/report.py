@@ -161,7 +161,7 @@ def metrics_table(summary: dict) -> Table:
     """eval/metrics.json as a table: one row per dataset and model variant."""
     rows = [(d, v, m) for d, result in summary["results"].items() for v, m in result.items()]
     with_norm = any("acc_norm" in m for _, _, m in rows)
-    table = Table(title=escape(f"Accuracy ({summary['format']} format)"))
+    table = Table(title=escape(f"Accuracy ({evaluated_with(summary)})"))
     columns = ["dataset", "split", "n", "model", "acc", "± stderr"] + (
         ["acc_norm", "± stderr"] if with_norm else []
     )
@@ -169,12 +169,18 @@ def metrics_table(summary: dict) -> Table:
         table.add_column(column, justify="left" if column in ("dataset", "split", "model") else "right")
     for dataset, variant, metrics in rows:
         cells = [escape(dataset), escape(summary["splits"][dataset]), str(metrics["n"]), escape(variant)]
-        cells += [f"{metrics['acc']:.4f}", f"{metrics['acc_stderr']:.4f}"]
+        cells += [f"{metrics['acc']:.4f}", f"{metrics['acc_stderr']:.4f}"] if "acc" in metrics else ["–", ""]
         if with_norm:
             has = "acc_norm" in metrics
             cells += [f"{metrics['acc_norm']:.4f}", f"{metrics['acc_norm_stderr']:.4f}"] if has else ["–", ""]
         table.add_row(*cells)
     return table
+
+
+def evaluated_with(summary: dict) -> str:
+    """What scored eval/metrics.json: `mcq format`, `completion format` or `lm-eval 0.4.13`."""
+    evaluator = summary.get("evaluator", "flexora")
+    return f"{summary['format']} format" if evaluator == "flexora" else evaluator
 
 
 def plot_alpha(alpha: list[float], history: list[dict], selected: list[int] | None = None):

@@ -16,7 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from flexora_cli.errors import ConfigError
 
-DATASET_SCHEMAS = ("hellaswag", "piqa", "winogrande", "race")
+LABEL_FORMATS = ("index", "number", "letter", "text")
+EVALUATORS = ("flexora", "lm_eval")
 SELECT_RULES = ("positive", "top_k", "budget")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
@@ -56,29 +57,75 @@ class ModelSettings:
     quantization: str = "none"
     """Load the frozen base through bitsandbytes: none, 4bit (NF4, double quantisation, bf16
     compute: QLoRA) or 8bit. Needs CUDA and the `quant` extra."""
+    chat_template: bool = False
+    """Wrap every prompt in the tokenizer's chat template (one user turn, then the assistant's
+    answer), identically in search, finetune and eval: for instruct models. lm-eval's
+    --apply_chat_template scores the same text."""
     attn_implementation: str | None = None
     """Attention kernel (transformers' attn_implementation: eager, sdpa, flash_attention_2);
     None: transformers' default. search.hypergradient=unrolled needs eager (double backward)."""
 
 
 @dataclass
+class ColumnSettings:
+    """Where a row's question, choices and answer are. Each value is a column name, or a Jinja2
+    template over the row's columns (anything holding `{{` or `{%`), as lm-eval's doc_to_text."""
+
+    context: str | None = None
+    """Text shown before the question (a passage, a scenario); None: none."""
+    question: str = "question"
+    """The question."""
+    choices: Any = "choices"
+    """A column holding the list of choices, or a list with one column (or template) per choice."""
+    label: str = "label"
+    """The answer, read as `label_format` says."""
+    label_format: str = "index"
+    """index (0-based: 0, 1, …), number (1-based), letter (A, B, …) or text (equal to one choice)."""
+    num_choices: int | None = None
+    """Choices every row must have; None: as many as the first row has."""
+
+
+@dataclass
+class PromptSettings:
+    """Jinja2 templates that turn a mapped row into the text scored in each format. They see the
+    mapped `context`, `question`, `choices` and `letters`, and every column of the row by name."""
+
+    mcq: str | None = None
+    """The mcq format's prompt (the answer's letter follows it); None: prompts.MCQ_TEMPLATE
+    (context, "Question: …", lettered choices, "Answer:")."""
+    completion: str | None = None
+    """The completion format's prompt (" " + the choice follows it); None:
+    prompts.COMPLETION_TEMPLATE ("Question: …\nAnswer:" after the context)."""
+    completion_choice: str = "{{ choice }}"
+    """Each choice's text in the completion format (hellaswag cleans WikiHow artefacts here)."""
+    blank: str | None = None
+    """Cloze tasks: the marker in the context that each choice fills (winogrande's "_"). The
+    completion format then scores the rest of the context after each filled-in start (lm-eval's
+    partial scoring), and the completion template is not used."""
+
+
+@dataclass
 class DatasetSettings:
-    """Which multiple-choice task, from the hub or from local JSONL files."""
+    """Which multiple-choice task: rows from the hub or local files (read by
+    `datasets.load_dataset`), mapped by `columns` and rendered by `prompt`."""
 
     name: str = "???"
     """Task name used in reports (e.g. piqa, race_high)."""
-    schema: str = "???"
-    """Record schema: hellaswag, piqa, winogrande or race."""
     hub_id: str | None = None
-    """Hub dataset id, used when data_dir is not set."""
+    """Hub dataset id, used when neither data_dir nor data_files is set."""
     hub_config: str | None = None
     """Hub dataset configuration (e.g. winogrande_xl, middle)."""
     data_dir: str | None = None
-    """Local directory with train.jsonl / validation.jsonl / test.jsonl in the hub schema."""
+    """Local directory with one file per split: <split>.jsonl, .json, .csv or .parquet."""
+    data_files: dict[str, str] | None = None
+    """Local file per split (JSONL, CSV or Parquet), e.g. {train: quiz.csv, validation: dev.csv};
+    takes precedence over data_dir."""
     train_split: str = "train"
     """Split that LoRA (and the α validation carve-out) come from."""
     eval_split: str = "validation"
     """Split that `flexora eval` scores."""
+    columns: ColumnSettings = field(default_factory=ColumnSettings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
     race_grouping: str = "question"
     """RACE only: question (one example per question) or article (lm-eval's race task: the last
     question of each article, earlier ones answered in the context; needs example_id)."""
@@ -209,6 +256,16 @@ class EvalSettings:
     """Score only the first N examples of each dataset (lm-eval's --limit); None: all."""
     share_prefix: bool | None = None
     """Compute the context shared by the choices once (None: wherever the architecture allows)."""
+    evaluator: str = "flexora"
+    """flexora (the built-in scorer: the run's prompt format on eval.datasets, fast) or lm_eval
+    (lm-evaluation-harness's `simple_evaluate` on eval.tasks, with the same base model and
+    adapters; needs the lmeval extra)."""
+    tasks: list[str] | None = None
+    """lm-eval task names for evaluator=lm_eval (e.g. [arc_easy, piqa]); `flexora eval tasks=[...]`."""
+    include_path: str | None = None
+    """A folder of your own lm-eval task YAMLs (lm_eval --include_path), e.g. a task on local files."""
+    num_fewshot: int | None = None
+    """evaluator=lm_eval: few-shot examples per prompt; None: each task's default."""
 
 
 @dataclass
@@ -309,17 +366,15 @@ class Settings:
             "model.layers_path: empty; give the attribute path of the layer list",
         )
         check(
-            self.dataset.schema in DATASET_SCHEMAS,
-            f"dataset.schema: {self.dataset.schema!r} is not one of {', '.join(DATASET_SCHEMAS)}",
-        )
-        check(
             self.dataset.race_grouping in ("question", "article"),
             f"dataset.race_grouping: {self.dataset.race_grouping!r} is not one of question, article",
         )
         check(
-            self.dataset.data_dir is not None or self.dataset.hub_id is not None,
-            "dataset: neither data_dir nor hub_id is set; set dataset.data_dir=DIR or dataset.hub_id=ID",
+            any((self.dataset.data_files, self.dataset.data_dir, self.dataset.hub_id)),
+            "dataset: no data_files, data_dir or hub_id is set; set dataset.data_dir=DIR, "
+            "dataset.data_files={train: FILE, validation: FILE} or dataset.hub_id=ID",
         )
+        problems += self._column_problems()
         check(self.lora.r > 0, f"lora.r: must be > 0, got {self.lora.r}")
         check(0.0 <= self.lora.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
         check(
@@ -383,6 +438,7 @@ class Settings:
         check(
             self.eval.limit is None or self.eval.limit > 0, f"eval.limit: must be > 0, got {self.eval.limit}"
         )
+        problems += self._evaluator_problems()
         check(
             self.eval.datasets is None or len(self.eval.datasets) > 0,
             "eval.datasets: empty list; name at least one dataset config or leave it unset",
@@ -403,6 +459,40 @@ class Settings:
         check(self.pad_to_multiple_of > 0, f"pad_to_multiple_of: must be > 0, got {self.pad_to_multiple_of}")
         check(self.checkpoint_every > 0, f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
         check(self.keep_checkpoints > 0, f"keep_checkpoints: must be > 0, got {self.keep_checkpoints}")
+        return problems
+
+    def _evaluator_problems(self) -> list[str]:
+        spec = self.eval
+        if spec.evaluator not in EVALUATORS:
+            return [f"eval.evaluator: {spec.evaluator!r} is not one of {', '.join(EVALUATORS)}"]
+        if spec.evaluator == "lm_eval":
+            return (
+                []
+                if spec.tasks
+                else ["eval.tasks: evaluator=lm_eval needs tasks=[TASK,...] (lm-eval task names)"]
+            )
+        lm_eval_only = [
+            key for key in ("tasks", "include_path", "num_fewshot") if getattr(spec, key) is not None
+        ]
+        return [
+            f"eval.{key}: only with eval.evaluator=lm_eval (add evaluator=lm_eval)" for key in lm_eval_only
+        ]
+
+    def _column_problems(self) -> list[str]:
+        columns = self.dataset.columns
+        problems = []
+        if columns.label_format not in LABEL_FORMATS:
+            problems.append(
+                f"dataset.columns.label_format: {columns.label_format!r} is not one of {', '.join(LABEL_FORMATS)}"
+            )
+        choices = columns.choices
+        if not (isinstance(choices, str) or (isinstance(choices, list) and len(choices) >= 2)):
+            problems.append(
+                f"dataset.columns.choices: expected a list column's name or a list of at least two "
+                f"columns, got {choices!r}"
+            )
+        if columns.num_choices is not None and columns.num_choices < 2:
+            problems.append(f"dataset.columns.num_choices: must be >= 2, got {columns.num_choices}")
         return problems
 
     def _hypergradient_problems(self) -> list[str]:
@@ -450,14 +540,23 @@ def load(cfg: DictConfig | Settings) -> Settings:
             raise ConfigError(
                 f"{where}{_first_line(exc)} (check the spelling and type of the override)"
             ) from exc
-    if isinstance(settings.select.layers, (list, tuple)) or OmegaConf.is_list(settings.select.layers):
-        settings.select.layers = list(settings.select.layers)
+    _plain_lists(settings)
     if isinstance(settings.eval.batch_size, str) and settings.eval.batch_size.isdigit():
         settings.eval.batch_size = int(settings.eval.batch_size)
     problems = settings.validate()
     if problems:
         raise ConfigError("invalid settings: " + "; ".join(problems))
     return settings
+
+
+def _plain_lists(settings: Settings) -> None:
+    """`Any` fields keep OmegaConf's ListConfig through to_object; make them lists."""
+    settings.select.layers = _plain_list(settings.select.layers)
+    settings.dataset.columns.choices = _plain_list(settings.dataset.columns.choices)
+
+
+def _plain_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) or OmegaConf.is_list(value) else value
 
 
 def package_dir(module: str, pip_install: str) -> str:
@@ -489,17 +588,33 @@ def dataset_settings(name: str, settings: Settings) -> DatasetSettings:
     """
     if name == settings.dataset.name:
         return settings.dataset
+    return dataset_preset(name, settings.demo_assets)
+
+
+def dataset_preset(name: str, demo_assets: str | None = None, **changes: Any) -> DatasetSettings:
+    """The dataset config recipes/dataset/NAME.yaml with `changes` (e.g. data_dir) applied."""
     path = recipes_dir() / "dataset" / f"{name}.yaml"
     if not path.is_file():
         valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
         raise ConfigError(f"eval.datasets: no dataset config '{name}'; choose from {valid}")
-    root = OmegaConf.create({"demo_assets": settings.demo_assets, "dataset": OmegaConf.load(path)})
     try:
-        values = OmegaConf.to_container(root.dataset, resolve=True)
+        root = OmegaConf.create({"demo_assets": demo_assets, "dataset": _with_defaults(path)})
+        values = {**OmegaConf.to_container(root.dataset, resolve=True), **changes}
         merged = OmegaConf.merge(OmegaConf.structured(DatasetSettings), values)
-        return OmegaConf.to_object(merged)
+        spec = OmegaConf.to_object(merged)
+        spec.columns.choices = _plain_list(spec.columns.choices)
+        return spec
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {_first_line(exc)}") from exc
+
+
+def _with_defaults(path: Path) -> DictConfig:
+    """A group config merged onto the configs its `defaults` list names in the same group, as
+    Hydra composes it (presets hold only their differences)."""
+    node = OmegaConf.load(path)
+    bases = node.pop("defaults", [])
+    merged = [_with_defaults(path.parent / f"{base}.yaml") for base in bases if base != "_self_"]
+    return OmegaConf.merge(*merged, node)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -125,14 +125,14 @@ def _write_records(model, tokenizer, count: int, advance) -> list[dict]:
 
 def _scores(model, tokenizer, records: list[dict], advance=None) -> list[list[float]]:
     """Per-choice summed log-likelihoods, as `flexora eval format=completion` scores them."""
-    from flexora_cli.data.datasets import parse_records
+    from flexora_cli.data.datasets import parse_rows
     from flexora_cli.data.prompts import build_prompts
     from flexora_cli.scoring import score
+    from flexora_cli.settings import dataset_preset
 
-    examples = parse_records(
-        "hellaswag", [(f"record {i}", {**r, "label": "0"}) for i, r in enumerate(records)]
-    )
-    prompts = build_prompts(examples, "completion")
+    hellaswag = dataset_preset("hellaswag")
+    rows = [(f"record {i}", {**r, "label": "0"}) for i, r in enumerate(records)]
+    prompts = build_prompts(parse_rows(hellaswag.columns, rows), hellaswag.prompt, "completion")
     done = [0]
 
     def progress(rows: int, _total: int) -> None:

@@ -39,7 +39,7 @@ from flexora_cli import demo
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.scoring import choice_metrics, score
-from flexora_cli.settings import DatasetSettings
+from flexora_cli.settings import dataset_preset
 
 TASKS = {"hellaswag": ("data", 4), "piqa": ("data_piqa", 2), "winogrande": ("data_winogrande", 2)}
 """Task → (the demo's folder in that hub schema, choices per example)."""
@@ -149,8 +149,8 @@ def _random_llama(tokenizer_dir: str, shape: str):
 
 def _flexora(task: str, data_dir: str, args, model, tokenizer) -> tuple[float, dict]:
     started = time.perf_counter()
-    spec = DatasetSettings(name=task, schema=task, data_dir=data_dir)
-    prompts = build_prompts(load_split(spec, args.split)[: args.limit], "completion")
+    spec = dataset_preset(task, data_dir=data_dir)
+    prompts = build_prompts(load_split(spec, args.split)[: args.limit], spec.prompt, "completion")
     rows_per_pass = args.rows or max(1, args.batch_size // TASKS[task][1])
     scores = score(model, tokenizer, prompts, rows_per_pass, args.max_length)
     metrics, examples = choice_metrics(scores, prompts)

@@ -142,7 +142,7 @@ CASES = {
     ),
     "missing data file": Case(
         ["dataset.data_dir={tmp}/nowhere"],
-        "{tmp}/nowhere/train.jsonl not found: dataset.data_dir needs train.jsonl in the hellaswag hub schema",
+        "{tmp}/nowhere/train.jsonl not found: dataset.data_dir needs one train.jsonl, train.csv or train.parquet",
     ),
     "unreadable data file": Case(
         ["dataset.data_dir={tmp}/data"],
@@ -154,20 +154,42 @@ CASES = {
         "{tmp}/data/train.jsonl:1: not valid JSON",
         prepare=lambda t, d: _data(t, d, b"{oops\n"),
     ),
-    "record missing a field": Case(
+    "row missing a column": Case(
         ["dataset.data_dir={tmp}/data"],
-        "{tmp}/data/train.jsonl:1: field 'endings': missing",
+        "{tmp}/data/train.jsonl row 1, column 'endings': missing (the row has ",
         prepare=lambda t, d: _data(t, d, {k: v for k, v in _record(d).items() if k != "endings"}),
     ),
     "label out of range": Case(
         ["dataset.data_dir={tmp}/data"],
-        "{tmp}/data/train.jsonl:1: field 'label': label '7' out of range, expected one of 0, 1, 2, 3",
+        "{tmp}/data/train.jsonl row 1, column 'label': label '7' out of range, expected 0, 1, 2, 3",
         prepare=lambda t, d: _data(t, d, {**_record(d), "label": "7"}),
     ),
     "empty split": Case(
         ["dataset.data_dir={tmp}/data"],
         "{tmp}/data/train.jsonl: split 'train' is empty",
         prepare=lambda t, d: _data(t, d, b"\n"),
+    ),
+    "column the data lacks": Case(
+        ["dataset.columns.question=prompt"],
+        "{demo}/data/train.jsonl row 1, column 'prompt': missing (the row has ",
+    ),
+    "label in the wrong format": Case(
+        ["dataset.columns.label_format=letter"],
+        "{demo}/data/train.jsonl row 1, column 'label': label ",
+    ),
+    "chat template the tokenizer lacks": Case(
+        ["model.chat_template=true"],
+        "model.chat_template=true: the tokenizer of {demo}/model has no chat template",
+    ),
+    "lm-eval option without lm-eval": Case(
+        ["tasks=[arc_easy]"],
+        "invalid settings: eval.tasks: only with eval.evaluator=lm_eval (add evaluator=lm_eval)",
+        stage="eval",
+    ),
+    "unknown lm-eval task": Case(
+        ["evaluator=lm_eval", "tasks=[arc_eesy]", "adapters=[]"],
+        "eval.tasks: lm-eval has no task arc_eesy",
+        stage="eval",
     ),
     "budget larger than the data": Case(
         ["search.budget=99999"],
@@ -239,7 +261,7 @@ CASES = {
     ),
     "unknown eval dataset": Case(
         ["eval.adapters=[]", "eval.datasets=[demo,nope]"],
-        "eval.datasets: no dataset config 'nope'; choose from demo,",
+        "eval.datasets: no dataset config 'nope'; choose from custom, demo,",
         stage="eval",
     ),
     "model path that is not a model": Case(

@@ -1,135 +1,142 @@
-"""Hub or local-JSONL records → multiple-choice examples, one parser per hub schema.
+"""Rows of any multiple-choice table → examples, by the dataset config's column mapping.
 
-A record that breaks its schema is an error naming the file, line and field; nothing is skipped
-silently. Local files are `<data_dir>/<split>.jsonl` in exactly the hub's schema.
+Rows come from `datasets.load_dataset`: a hub id, or local JSONL, CSV or Parquet files. The four
+built-in tasks (recipes/dataset/) are instances of the same mapping. A row that breaks it is an
+error naming the file, the row and the column; nothing is skipped silently.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flexora_cli.data.templates import TemplateError, is_template, render
 from flexora_cli.errors import DataError
-from flexora_cli.settings import DatasetSettings
+from flexora_cli.settings import ColumnSettings, DatasetSettings
+
+LETTERS = "ABCDEFGH"
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+"""File suffix → the `datasets` builder that reads it."""
 
 
 @dataclass(frozen=True)
 class MCExample:
     """One multiple-choice question: the prompt pieces, the options and the gold index."""
 
-    schema: str
-    """The hub schema the record came from (hellaswag, piqa, winogrande, race)."""
     context: str
     """Text before the question (passage, scenario); may be empty."""
     question: str
     choices: list[str]
     gold: int
     record: dict = field(default_factory=dict, compare=False, repr=False)
-    """The raw record, for prompt formats that need schema-specific fields (already validated)."""
+    """The row, for prompt templates that use other columns."""
+    where: str = field(default="", compare=False)
+    """`file row N` (or `hub_id[split] row N`), for errors."""
 
 
-class _Record:
-    """Typed field access that reports `where: field 'x': problem`."""
+class _Row:
+    """One row, read through the column mapping; problems are `where, column 'x': problem`."""
 
     def __init__(self, raw: object, where: str):
         if not isinstance(raw, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         self.raw, self.where = raw, where
 
-    def fail(self, key: str, problem: str) -> DataError:
-        return DataError(f"{self.where}: field '{key}': {problem}")
+    def fail(self, source: str, problem: str) -> DataError:
+        what = f"template {source!r}" if is_template(source) else f"column '{source}'"
+        return DataError(f"{self.where}, {what}: {problem}")
 
-    def text(self, key: str, allow_empty: bool = False) -> str:
-        if key not in self.raw:
-            raise self.fail(key, "missing")
-        value = self.raw[key]
+    def value(self, source: str) -> object:
+        """The column's value, or the template rendered over the row."""
+        if is_template(source):
+            try:
+                return render(source, self.raw)
+            except TemplateError as exc:
+                raise self.fail(source, str(exc)) from exc
+        if source not in self.raw:
+            columns = ", ".join(list(self.raw)[:12])
+            raise self.fail(source, f"missing (the row has {columns}); fix dataset.columns")
+        return self.raw[source]
+
+    def text(self, source: str, allow_empty: bool = False) -> str:
+        value = self.value(source)
+        if value is None or value != value:  # an empty CSV cell reads as None or NaN
+            value = ""
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # CSV readers type "1999" as a number
         if not isinstance(value, str):
-            raise self.fail(key, f"expected a string, got {type(value).__name__}")
+            raise self.fail(source, f"expected text, got {json.dumps(value, default=str)[:80]}")
         if not allow_empty and not value.strip():
-            raise self.fail(key, "empty")
+            raise self.fail(source, "empty")
         return value
 
-    def texts(self, key: str, count: int) -> list[str]:
-        if key not in self.raw:
-            raise self.fail(key, "missing")
-        value = self.raw[key]
-        if not isinstance(value, list) or len(value) != count or not all(isinstance(v, str) for v in value):
-            raise self.fail(key, f"expected a list of {count} strings, got {json.dumps(value)[:80]}")
+    def choices(self, spec: str | list) -> list[str]:
+        if isinstance(spec, list):
+            return [self.text(source) for source in spec]
+        value = self.value(spec)
+        if not isinstance(value, list):
+            raise self.fail(spec, f"expected a list of choices, got {json.dumps(value, default=str)[:80]}")
+        if not all(isinstance(v, str) and v.strip() for v in value):
+            raise self.fail(spec, f"expected a list of non-empty texts, got {json.dumps(value)[:80]}")
         return value
 
-    def label(self, key: str, valid: list[str]) -> int:
-        """Index of the label among `valid` (ints and digit strings are accepted alike)."""
-        if key not in self.raw:
-            raise self.fail(key, "missing")
-        value = str(self.raw[key]).strip()
-        if value not in valid:
-            shown = self.raw[key]
-            hint = " (unlabelled split? evaluate on a labelled one)" if value in ("", "-1", "None") else ""
-            raise self.fail(key, f"label {shown!r} out of range, expected one of {', '.join(valid)}{hint}")
-        return valid.index(value)
+    def label(self, source: str, label_format: str, choices: list[str]) -> int:
+        """The gold choice's index, from an index, a 1-based number, a letter or the answer's text."""
+        value = self.value(source)
+        shown = str(value).strip()
+        if label_format == "text":
+            valid = choices
+        elif label_format == "letter":
+            valid, shown = list(LETTERS[: len(choices)]), shown.upper()
+        else:
+            base = 0 if label_format == "index" else 1
+            valid = [str(i + base) for i in range(len(choices))]
+            if isinstance(value, float) and value.is_integer():
+                shown = str(int(value))
+        if shown not in valid:
+            hint = (
+                " (unlabelled split? evaluate on a labelled one)"
+                if shown in ("", "-1", "None", "nan")
+                else ""
+            )
+            expected = "one of the choices' texts" if label_format == "text" else ", ".join(valid)
+            raise self.fail(source, f"label {value!r} out of range, expected {expected}{hint}")
+        return valid.index(shown)
 
 
-def _hellaswag(rec: _Record) -> MCExample:
-    context = f"{rec.text('activity_label')}: {rec.text('ctx')}"
-    endings = rec.texts("endings", 4)
-    rec.text("ctx_a"), rec.text("ctx_b", allow_empty=True)  # the completion format's context
+def to_example(row: _Row, columns: ColumnSettings, num_choices: int | None) -> MCExample:
+    """One row through the mapping; `num_choices` (when known) is checked."""
+    choices = row.choices(columns.choices)
+    if num_choices is not None and len(choices) != num_choices:
+        source = columns.choices if isinstance(columns.choices, str) else "choices"
+        raise row.fail(
+            source,
+            f"{len(choices)} choices, expected {num_choices} as in "
+            f"{'dataset.columns.num_choices' if columns.num_choices else 'the first row'}",
+        )
+    if len(choices) > len(LETTERS):
+        raise row.fail(str(columns.choices), f"{len(choices)} choices; at most {len(LETTERS)} are supported")
+    context = row.text(columns.context, allow_empty=True) if columns.context else ""
     return MCExample(
-        "hellaswag",
         context,
-        "Which ending makes the most sense?",
-        endings,
-        rec.label("label", ["0", "1", "2", "3"]),
-        rec.raw,
+        row.text(columns.question),
+        choices,
+        row.label(columns.label, columns.label_format, choices),
+        row.raw,
+        row.where,
     )
 
 
-def _piqa(rec: _Record) -> MCExample:
-    return MCExample(
-        "piqa",
-        "",
-        rec.text("goal"),
-        [rec.text("sol1"), rec.text("sol2")],
-        rec.label("label", ["0", "1"]),
-        rec.raw,
-    )
-
-
-def _winogrande(rec: _Record) -> MCExample:
-    sentence = rec.text("sentence")
-    if sentence.count("_") != 1:
-        raise rec.fail("sentence", f"expected exactly one '_' blank, found {sentence.count('_')}")
-    options = [rec.text("option1"), rec.text("option2")]
-    return MCExample(
-        "winogrande",
-        sentence,
-        "Which option best fills the blank (_)?",
-        options,
-        rec.label("answer", ["1", "2"]),
-        rec.raw,
-    )
-
-
-def _race(rec: _Record) -> MCExample:
-    options = rec.texts("options", 4)
-    gold = rec.label("answer", ["A", "B", "C", "D"])
-    return MCExample("race", f"Article: {rec.text('article')}", rec.text("question"), options, gold, rec.raw)
-
-
-PARSERS: dict[str, Callable[[_Record], MCExample]] = {
-    "hellaswag": _hellaswag,
-    "piqa": _piqa,
-    "winogrande": _winogrande,
-    "race": _race,
-}
-
-
-def parse_records(schema: str, records: Iterable[tuple[str, object]]) -> list[MCExample]:
-    """Parse `(where, raw_record)` pairs with the schema's parser."""
-    parser = PARSERS[schema]
-    return [parser(_Record(raw, where)) for where, raw in records]
+def parse_rows(columns: ColumnSettings, rows: Iterable[tuple[str, object]]) -> list[MCExample]:
+    """Map `(where, row)` pairs to examples; every row needs as many choices as the first."""
+    examples: list[MCExample] = []
+    for where, raw in rows:
+        expected = columns.num_choices or (len(examples[0].choices) if examples else None)
+        examples.append(to_example(_Row(raw, where), columns, expected))
+    return examples
 
 
 def last_question_per_article(examples: list[MCExample]) -> list[MCExample]:
@@ -137,10 +144,10 @@ def last_question_per_article(examples: list[MCExample]) -> list[MCExample]:
     its last question with the earlier ones answered in the context, as lm-eval writes them."""
     articles: dict[str, list[MCExample]] = {}
     for example in examples:
-        if "example_id" not in example.record:
+        if "example_id" not in example.record or "article" not in example.record:
             raise DataError(
-                "dataset.race_grouping=article needs the 'example_id' field (ehovy/race schema) to "
-                "group questions by article; use race_grouping=question for these records"
+                f"{example.where}: dataset.race_grouping=article needs the 'example_id' and 'article' "
+                "columns (ehovy/race schema) to group questions by article; use race_grouping=question"
             )
         articles.setdefault(example.record["example_id"], []).append(example)
     grouped = []
@@ -154,58 +161,110 @@ def last_question_per_article(examples: list[MCExample]) -> list[MCExample]:
             else:
                 text += f"Question: {problem.question}\nAnswer: {answer}\n"
         record = {**last.record, "lm_eval_text": text + last.question}
-        grouped.append(MCExample("race", text.rstrip("\n"), last.question, last.choices, last.gold, record))
+        grouped.append(
+            MCExample(text.rstrip("\n"), last.question, last.choices, last.gold, record, last.where)
+        )
     return grouped
 
 
 def load_split(spec: DatasetSettings, split: str) -> list[MCExample]:
-    """All examples of one split, from `spec.data_dir` if set, else from the hub."""
-    records = _local_records(spec, split) if spec.data_dir else _hub_records(spec, split)
-    examples = parse_records(spec.schema, records)
-    if spec.schema == "race" and spec.race_grouping == "article":
+    """All examples of one split, from local files if the config names any, else from the hub."""
+    local = split_file(spec, split) if (spec.data_files or spec.data_dir) else None
+    rows = _local_rows(local, split) if local else _hub_rows(spec, split)
+    examples = parse_rows(spec.columns, rows)
+    if spec.race_grouping == "article":
         examples = last_question_per_article(examples)
     if not examples:
-        source = Path(spec.data_dir) / f"{split}.jsonl" if spec.data_dir else f"{spec.hub_id}[{split}]"
-        raise DataError(f"{source}: split '{split}' is empty; give it at least one record")
+        raise DataError(
+            f"{local or f'{spec.hub_id}[{split}]'}: split '{split}' is empty; give it at least one row"
+        )
     return examples
 
 
-def _local_records(spec: DatasetSettings, split: str) -> Iterable[tuple[str, object]]:
-    path = Path(spec.data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise DataError(
-            f"{path} not found: dataset.data_dir needs {split}.jsonl in the {spec.schema} hub schema "
-            f"(or unset dataset.data_dir to load {spec.hub_id or 'the hub dataset'})"
-        )
+def split_file(spec: DatasetSettings, split: str) -> Path:
+    """The local file holding `split`: data_files[split], else data_dir/<split>.<jsonl|json|csv|parquet>."""
+    if spec.data_files:
+        if split not in spec.data_files:
+            raise DataError(
+                f"dataset.data_files has no '{split}' split (it names {', '.join(spec.data_files)}); "
+                f"add {split}: FILE"
+            )
+        path = Path(spec.data_files[split]).expanduser()
+        if not path.is_file():
+            raise DataError(f"{path} not found: dataset.data_files.{split} names it; fix the path")
+    else:
+        found = [p for p in (Path(spec.data_dir) / f"{split}{s}" for s in BUILDERS) if p.is_file()]
+        if len(found) != 1:
+            problem = "not found" if not found else "is ambiguous"
+            raise DataError(
+                f"{Path(spec.data_dir) / split}.jsonl {problem}: dataset.data_dir needs one {split}.jsonl, "
+                f"{split}.csv or {split}.parquet (or set dataset.data_files, or unset dataset.data_dir "
+                f"to load {spec.hub_id or 'a hub dataset'})"
+            )
+        path = found[0]
+    if path.suffix not in BUILDERS:
+        raise DataError(f"{path}: unknown file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
+    return path
+
+
+def _quiet_datasets():
+    import datasets  # imported here: slow
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse failure is our one error line
+    return datasets
+
+
+def _local_rows(path: Path, split: str) -> Iterable[tuple[str, object]]:
+    datasets = _quiet_datasets()
+    try:
+        rows = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
+    except Exception as exc:  # pyarrow and datasets raise many types; all mean "cannot parse"
+        if _no_rows(path):
+            return []
+        raise DataError(_unreadable(path, exc)) from exc
+    return ((f"{path} row {index}", row) for index, row in enumerate(rows, start=1))
+
+
+def _no_rows(path: Path) -> bool:
+    """A text file with nothing but blank lines (and, for CSV, a header) holds no rows."""
+    if path.suffix == ".parquet":
+        return False
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return len(lines) <= (1 if path.suffix == ".csv" else 0)
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """One line naming why the file cannot be parsed (the first bad line, for JSON Lines)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(
-            f"{path}: cannot read ({exc}); check the file's permissions and encoding (UTF-8)"
-        ) from exc
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); one JSON object per line") from exc
-    return records
+    except (OSError, UnicodeDecodeError) as read_error:
+        return f"{path}: cannot read ({read_error}); check the file's permissions and encoding (UTF-8)"
+    if BUILDERS[path.suffix] == "json":
+        for number, line in enumerate(lines, start=1):
+            try:
+                line.strip() and json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"{path}:{number}: not valid JSON ({bad.msg}); one JSON object per line"
+    cause = exc.__cause__ or exc
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"{path}: cannot be read as {path.suffix[1:].upper()} ({first[:200]}); fix the file"
 
 
-def _hub_records(spec: DatasetSettings, split: str) -> Iterable[tuple[str, object]]:
-    import datasets  # imported here: slow, and not needed for local files
-
+def _hub_rows(spec: DatasetSettings, split: str) -> Iterable[tuple[str, object]]:
+    datasets = _quiet_datasets()
     try:
         rows = datasets.load_dataset(spec.hub_id, spec.hub_config, split=split)
     except Exception as exc:  # the hub client raises many types; all mean "cannot get the data"
         raise DataError(
             f"cannot load {spec.hub_id} ({spec.hub_config or 'default'}) split '{split}' from the hub: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-            f"check the id and network, or set dataset.data_dir=DIR with local JSONL files"
+            f"check the id and network, or set dataset.data_dir=DIR with local files"
         ) from exc
-    return ((f"{spec.hub_id}[{split}] row {index}", dict(row)) for index, row in enumerate(rows))
+    return ((f"{spec.hub_id}[{split}] row {index}", dict(row)) for index, row in enumerate(rows, start=1))
 
 
 def carve_validation(

@@ -6,7 +6,8 @@ with every adapter attached under its own name. The loop scores each dataset wit
 lm-eval's metrics; with several processes the prompts are dealt among them and the scores
 gathered. Save: eval/metrics.json (results[dataset][variant]: acc, acc_norm where
 defined, their stderr, n) and eval/predictions.jsonl (per example: gold, each variant's prediction and scores).
-An eval with other eval settings (limit, format, datasets, adapters) than the one in eval/ writes
+With eval.evaluator=lm_eval, lm-evaluation-harness scores eval.tasks instead (lm_evaluator.py),
+into the same files. An eval with other eval settings (limit, format, datasets, adapters) than the one in eval/ writes
 into eval/<settings digest>/ instead, so no result is replaced (manifest.Manifest.eval_key).
 """
 
@@ -20,9 +21,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 from peft import PeftModel
 
-from flexora_cli import report
+from flexora_cli import lm_evaluator, report
 from flexora_cli.data.datasets import load_split
-from flexora_cli.data.prompts import Prompt, build_prompts
+from flexora_cli.data.prompts import Prompt, model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError, ModelError
 from flexora_cli.manifest import Manifest
@@ -44,21 +45,69 @@ def run(cfg: DictConfig | Settings) -> dict:
             f"eval: {run_dir.stage_dir('eval')} holds the run's eval with other eval settings; "
             f"this one goes to {run_dir.root / key}"
         )
-    eval_format = settings.eval.format or settings.format
+    lm_eval = settings.eval.evaluator == "lm_eval"
+    lm_eval_tasks = lm_evaluator.tasks(settings) if lm_eval else None
+    evaluator = f"lm-eval {lm_evaluator.version()}" if lm_eval else "flexora"
+    eval_format = None if lm_eval else settings.eval.format or settings.format
     adapters = _adapter_dirs(settings, manifest)
-    tasks: dict[str, tuple[str, list[Prompt]]] = {}
-    for name in settings.eval.datasets or [settings.dataset.name]:
-        spec = dataset_settings(name, settings)
-        examples = load_split(spec, spec.eval_split)[: settings.eval.limit]
-        tasks[spec.name] = (spec.eval_split, build_prompts(examples, eval_format))
-    engine = Engine(settings)
     tokenizer = load_tokenizer(settings.model)
+    tasks = {} if lm_eval else _tasks(settings, tokenizer)
+    engine = Engine(settings)
     model = load_model(settings.model, engine.device, engine.precision)
     model = _attach_adapters(model, adapters, settings)
     manifest.begin("eval", settings, key)
 
     # -- loop: every dataset × every variant ----------------------------------------------------
     variants = (["base"] if settings.eval.include_base else []) + list(adapters)
+    if lm_eval:
+        results, splits, rows = lm_evaluator.evaluate(
+            model, tokenizer, lm_eval_tasks, variants, _use_variant, settings, engine.num_processes
+        )
+    else:
+        results, rows = _score_tasks(model, tokenizer, tasks, variants, settings, engine)
+        splits = {dataset: split for dataset, (split, _) in tasks.items()}
+
+    # -- save ---------------------------------------------------------------------------------
+    summary = {
+        "model": settings.model.name_or_path,
+        "evaluator": evaluator,
+        "format": eval_format,
+        "variants": {
+            name: (str(path) if path else None) for name, path in {"base": None, **adapters}.items()
+        },
+        "splits": splits,
+        "results": results,
+    }
+    outputs = [run_dir.root / key / "predictions.jsonl", run_dir.root / key / "metrics.json"]
+    run_dir.write_jsonl(outputs[0], rows)
+    run_dir.write_json(outputs[1], summary)
+    accuracies = {f"{d}/{v}_acc": results[d][v].get("acc") for d in results for v in results[d]}
+    inputs = ("finetune",) if settings.eval.adapters is None else ()
+    manifest.complete("eval", settings, outputs, inputs, key, **accuracies)
+    report.result(report.metrics_table(summary))
+    facts = [f"{len(results)} dataset(s) × {len(variants)} variant(s), {report.evaluated_with(summary)}"]
+    report.result(report.stage_panel("eval", facts, outputs[::-1]))
+    return summary
+
+
+def _tasks(settings: Settings, tokenizer) -> dict[str, tuple[str, list[Prompt]]]:
+    """Dataset name → (split, prompts) for the built-in scorer; bad data fails before the model loads."""
+    eval_format = settings.eval.format or settings.format
+    tasks = {}
+    for name in settings.eval.datasets or [settings.dataset.name]:
+        spec = dataset_settings(name, settings)
+        examples = load_split(spec, spec.eval_split)[: settings.eval.limit]
+        tasks[spec.name] = (
+            spec.eval_split,
+            model_prompts(examples, spec, eval_format, tokenizer, settings.model),
+        )
+    return tasks
+
+
+def _score_tasks(
+    model, tokenizer, tasks: dict, variants: list[str], settings: Settings, engine: Engine
+) -> tuple[dict, list[dict]]:
+    """(results[dataset][variant], per-example rows) from the built-in log-likelihood scorer."""
     results: dict[str, dict] = {}
     rows: list[dict] = []
     for dataset, (_, prompts) in tasks.items():
@@ -74,27 +123,7 @@ def run(cfg: DictConfig | Settings) -> dict:
             for row, example in zip(per_example, examples):
                 row[variant] = example
         rows += per_example
-
-    # -- save ---------------------------------------------------------------------------------
-    summary = {
-        "model": settings.model.name_or_path,
-        "format": eval_format,
-        "variants": {
-            name: (str(path) if path else None) for name, path in {"base": None, **adapters}.items()
-        },
-        "splits": {dataset: split for dataset, (split, _) in tasks.items()},
-        "results": results,
-    }
-    outputs = [run_dir.root / key / "predictions.jsonl", run_dir.root / key / "metrics.json"]
-    run_dir.write_jsonl(outputs[0], rows)
-    run_dir.write_json(outputs[1], summary)
-    accuracies = {f"{d}/{v}_acc": results[d][v]["acc"] for d in results for v in variants}
-    inputs = ("finetune",) if settings.eval.adapters is None else ()
-    manifest.complete("eval", settings, outputs, inputs, key, **accuracies)
-    report.result(report.metrics_table(summary))
-    facts = [f"{len(tasks)} dataset(s) × {len(variants)} variant(s), {eval_format} format"]
-    report.result(report.stage_panel("eval", facts, outputs[::-1]))
-    return summary
+    return results, rows
 
 
 def _adapter_dirs(settings: Settings, manifest: Manifest) -> dict[str, Path]:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from flexora_cli import report
 from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import load_split
-from flexora_cli.data.prompts import build_prompts
+from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.manifest import Manifest
 from flexora_cli.method import Selection
@@ -54,7 +54,8 @@ def run(cfg: DictConfig | Settings) -> dict:
         : settings.dataset.max_train_samples
     ]
     tokenizer = load_tokenizer(settings.model)
-    features = training_features(tokenizer, build_prompts(examples, settings.format), settings.max_length)
+    prompts = model_prompts(examples, settings.dataset, settings.format, tokenizer, settings.model)
+    features = training_features(tokenizer, prompts, settings.max_length)
     batches = Batches(features, spec.batch_size, settings.seed, settings.group_by_length)
 
     base = load_model(settings.model, engine.device, engine.precision)

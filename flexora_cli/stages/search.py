@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from flexora_cli import report
 from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import carve_validation, load_split
-from flexora_cli.data.prompts import build_prompts
+from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
 from flexora_cli.manifest import Manifest
@@ -158,7 +158,8 @@ def search_batches(settings: Settings, tokenizer) -> tuple[Batches, Batches]:
     train_pool, val_examples = carve_validation(examples, search.val_samples, settings.seed)
 
     def batches(subset: list, seed: int) -> Batches:
-        features = training_features(tokenizer, build_prompts(subset, settings.format), settings.max_length)
+        prompts = model_prompts(subset, settings.dataset, settings.format, tokenizer, settings.model)
+        features = training_features(tokenizer, prompts, settings.max_length)
         return Batches(features, search.batch_size, seed, settings.group_by_length)
 
     return batches(train_pool[: search.budget], settings.seed), batches(val_examples, settings.seed + 1)

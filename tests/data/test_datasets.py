@@ -9,7 +9,7 @@ import pytest
 from flexora_cli.data.datasets import carve_validation, load_split
 from flexora_cli.data.prompts import mcq
 from flexora_cli.errors import DataError
-from flexora_cli.settings import DatasetSettings
+from flexora_cli.settings import ColumnSettings, dataset_preset
 
 HELLASWAG = {
     "ind": 24,
@@ -51,7 +51,7 @@ RECORDS = {
     "hellaswag": (HELLASWAG, 3, 4),
     "piqa": (PIQA, 0, 2),
     "winogrande": (WINOGRANDE, 0, 2),
-    "race": (RACE, 1, 4),
+    "race_high": (RACE, 1, 4),
 }
 
 
@@ -62,8 +62,9 @@ def write_split(tmp_path, rows, split="train"):
     return tmp_path
 
 
-def spec(schema, data_dir):
-    return DatasetSettings(name=schema, schema=schema, data_dir=str(data_dir))
+def spec(task, data_dir, **changes):
+    """The built-in task's config, reading local files."""
+    return dataset_preset(task, data_dir=str(data_dir), **changes)
 
 
 @pytest.mark.parametrize("schema", list(RECORDS))
@@ -72,7 +73,7 @@ def test_schema_exact_record_parses(schema, tmp_path):
     [example] = load_split(spec(schema, write_split(tmp_path, [record])), "train")
     assert example.gold == gold
     assert len(example.choices) == n_choices
-    prompt = mcq(example)
+    prompt = mcq(example, spec(schema, tmp_path).prompt)
     assert len(set(prompt.contexts)) == 1 and prompt.contexts[0].endswith("Answer:")
     assert prompt.continuations == [" A", " B", " C", " D"][:n_choices]
     for choice in example.choices:
@@ -94,26 +95,41 @@ def _dir(record):
 
 
 BROKEN = [
-    ("hellaswag", {**HELLASWAG, "label": "7"}, "field 'label': label '7' out of range"),
+    ("hellaswag", {**HELLASWAG, "label": "7"}, "column 'label': label '7' out of range"),
     ("hellaswag", {**HELLASWAG, "label": ""}, "unlabelled split"),
-    ("hellaswag", {**HELLASWAG, "endings": ["a", "b"]}, "field 'endings': expected a list of 4 strings"),
-    ("piqa", {k: v for k, v in PIQA.items() if k != "sol2"}, "field 'sol2': missing"),
-    ("piqa", {**PIQA, "label": 2}, "field 'label': label 2 out of range"),
-    ("winogrande", {**WINOGRANDE, "answer": "3"}, "field 'answer'"),
-    ("winogrande", {**WINOGRANDE, "sentence": "no blank here"}, "exactly one '_'"),
-    ("race", {**RACE, "answer": "E"}, "field 'answer': label 'E' out of range"),
-    ("race", {**RACE, "question": 5}, "field 'question': expected a string"),
+    ("hellaswag", {**HELLASWAG, "endings": ["a", "b"]}, "column 'endings': 2 choices, expected 4"),
+    ("piqa", {k: v for k, v in PIQA.items() if k != "sol2"}, "column 'sol2': empty"),  # null in a table
+    ("piqa", {**PIQA, "label": 2}, "column 'label': label 2 out of range"),
+    ("winogrande", {**WINOGRANDE, "answer": "3"}, "column 'answer': label '3' out of range, expected 1, 2"),
+    ("race_high", {**RACE, "answer": "E"}, "column 'answer': label 'E' out of range"),
+    ("race_high", {**RACE, "question": [5]}, "column 'question': expected text"),
+    ("race_high", {**RACE, "question": " "}, "column 'question': empty"),
 ]
 
 
-@pytest.mark.parametrize(("schema", "record", "message"), BROKEN)
-def test_broken_record_names_file_line_and_field(schema, record, message, tmp_path):
-    record_ok = RECORDS[schema][0]
-    write_split(tmp_path, [record_ok, record])
+@pytest.mark.parametrize(("task", "record", "message"), BROKEN)
+def test_broken_row_names_file_row_and_column(task, record, message, tmp_path):
+    write_split(tmp_path, [RECORDS[task][0], record])
     with pytest.raises(DataError) as info:
-        load_split(spec(schema, tmp_path), "train")
-    assert f"{tmp_path / 'train.jsonl'}:2: " in str(info.value)
+        load_split(spec(task, tmp_path), "train")
+    assert f"{tmp_path / 'train.jsonl'} row 2, " in str(info.value)
     assert message in str(info.value)
+
+
+def test_column_missing_from_the_file(tmp_path):
+    write_split(tmp_path, [PIQA])
+    with pytest.raises(
+        DataError, match=r"row 1, column 'question': missing \(the row has goal, sol1, sol2, label\)"
+    ):
+        load_split(spec("piqa", tmp_path, columns=ColumnSettings(choices=["sol1", "sol2"])), "train")
+
+
+def test_template_column_names_the_template(tmp_path):
+    record = {k: v for k, v in HELLASWAG.items() if k != "activity_label"}
+    with pytest.raises(
+        DataError, match=r"row 1, template '\{\{ activity_label \}\}: .*'activity_label' is undefined"
+    ):
+        load_split(spec("hellaswag", write_split(tmp_path, [record])), "train")
 
 
 def test_invalid_json_line(tmp_path):
@@ -124,6 +140,14 @@ def test_invalid_json_line(tmp_path):
 
 def test_missing_file_and_empty_split(tmp_path):
     with pytest.raises(DataError, match=r"validation.jsonl not found"):
+        load_split(spec("piqa", tmp_path), "validation")
+    (tmp_path / "validation.csv").write_text("goal,sol1,sol2,label\n")
+    with pytest.raises(DataError, match="split 'validation' is empty"):
+        load_split(spec("piqa", tmp_path), "validation")
+    write_split(tmp_path, [PIQA], "validation")
+    with pytest.raises(
+        DataError, match=r"validation.jsonl is ambiguous: dataset.data_dir needs one validation.jsonl"
+    ):
         load_split(spec("piqa", tmp_path), "validation")
     (tmp_path / "train.jsonl").write_text("\n")
     with pytest.raises(DataError, match="split 'train' is empty"):

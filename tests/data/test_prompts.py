@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import pytest
 
-from flexora_cli.data.datasets import MCExample, load_split
-from flexora_cli.data.prompts import build_prompts, completion, hellaswag_preprocess, mcq
-from flexora_cli.settings import DatasetSettings
+from flexora_cli.data import prompts as formats
+from flexora_cli.data.datasets import load_split
+from flexora_cli.data.prompts import Prompt, build_prompts
+from flexora_cli.data.templates import hellaswag_preprocess
+from flexora_cli.errors import ConfigError
+from flexora_cli.settings import ModelSettings, dataset_preset
 from tests.data.test_datasets import HELLASWAG, PIQA, RACE, WINOGRANDE, write_split
 
 
-def parse(schema: str, record: dict, tmp_path) -> MCExample:
-    spec = DatasetSettings(name=schema, schema=schema, data_dir=str(write_split(tmp_path, [record])))
-    [example] = load_split(spec, "train")
-    return example
+def prompt_for(task: str, record: dict, tmp_path, format_name: str) -> Prompt:
+    """The built-in task's prompt for one record."""
+    spec = dataset_preset(task, data_dir=str(write_split(tmp_path, [record])))
+    [prompt] = build_prompts(load_split(spec, "train"), spec.prompt, format_name)
+    return prompt
+
+
+def completion(task: str, record: dict, tmp_path) -> Prompt:
+    return prompt_for(task, record, tmp_path, "completion")
 
 
 def test_hellaswag_completion(tmp_path):
-    prompt = completion(parse("hellaswag", HELLASWAG, tmp_path))
+    prompt = completion("hellaswag", HELLASWAG, tmp_path)
     # activity_label + ": " + ctx_a + " " + ctx_b.capitalize(); choices are the endings, " "-prefixed.
     assert prompt.contexts == ["Roof shingle removal: A man is sitting on a roof. He"] * 4
     assert prompt.continuations[3] == " starts pulling up roofing on a roof."
@@ -46,21 +54,21 @@ def test_hellaswag_empty_ctx_b_and_wikihow_artefacts(tmp_path):
         "ctx_b": "",
         "endings": ["[step] Fill it with soil.", "x", "y", "z"],
     }
-    prompt = completion(parse("hellaswag", record, tmp_path))
+    prompt = completion("hellaswag", record, tmp_path)
     assert prompt.contexts[0] == "Home and Garden: How to grow basil. Pick a pot."
     assert prompt.continuations[0] == "  Fill it with soil."  # " " + " Fill it with soil."
     assert prompt.choice_chars[0] == len(" Fill it with soil.")
 
 
 def test_piqa_completion(tmp_path):
-    prompt = completion(parse("piqa", PIQA, tmp_path))
+    prompt = completion("piqa", PIQA, tmp_path)
     assert prompt.contexts == [f"Question: {PIQA['goal']}\nAnswer:"] * 2
     assert prompt.continuations == [f" {PIQA['sol1']}", f" {PIQA['sol2']}"]
     assert prompt.choice_chars == [len(PIQA["sol1"]), len(PIQA["sol2"])] and prompt.gold == 0
 
 
 def test_winogrande_partial_scoring(tmp_path):
-    prompt = completion(parse("winogrande", WINOGRANDE, tmp_path))
+    prompt = completion("winogrande", WINOGRANDE, tmp_path)
     assert prompt.contexts == [
         "Sarah was a much better surgeon than Maria so Sarah",
         "Sarah was a much better surgeon than Maria so Maria",
@@ -70,16 +78,20 @@ def test_winogrande_partial_scoring(tmp_path):
 
 
 def test_race_completion(tmp_path):
-    prompt = completion(parse("race", RACE, tmp_path))
+    prompt = completion("race_high", RACE, tmp_path)
     assert prompt.contexts == [f"Article: {RACE['article']}\n\nQuestion: {RACE['question']}\nAnswer:"] * 4
     assert prompt.continuations == [" Work", " Students", " Food", " Weather"] and prompt.gold == 1
 
 
-def test_mcq_letters_every_schema(tmp_path):
-    for schema, record in (("hellaswag", HELLASWAG), ("piqa", PIQA), ("winogrande", WINOGRANDE)):
-        [prompt] = build_prompts([parse(schema, record, tmp_path)], "mcq")
+def test_mcq_letters_every_task(tmp_path):
+    for task, record in (("hellaswag", HELLASWAG), ("piqa", PIQA), ("winogrande", WINOGRANDE)):
+        prompt = prompt_for(task, record, tmp_path, "mcq")
         assert prompt.continuations[:2] == [" A", " B"] and prompt.choice_chars is None
-        assert prompt == mcq(parse(schema, record, tmp_path))
+    assert prompt.contexts[0] == (
+        f"{WINOGRANDE['sentence']}\nQuestion: Which option best fills the blank (_)?\n"
+        "A. Sarah\nB. Maria\nAnswer:"
+    )
+    assert formats.MCQ_TEMPLATE.startswith("{% if context %}")
 
 
 def test_race_article_grouping_matches_lm_eval(tmp_path):
@@ -89,10 +101,8 @@ def test_race_article_grouping_matches_lm_eval(tmp_path):
         {**RACE, "question": "Why?", "answer": "A"},
         {**RACE, "example_id": "high2.txt", "question": "Only one?", "answer": "D"},
     ]
-    spec = DatasetSettings(
-        name="race", schema="race", data_dir=str(write_split(tmp_path, records)), race_grouping="article"
-    )
-    first, second = build_prompts(load_split(spec, "train"), "completion")
+    spec = dataset_preset("race_high", data_dir=str(write_split(tmp_path, records)), race_grouping="article")
+    first, second = build_prompts(load_split(spec, "train"), spec.prompt, "completion")
     # lm-eval's preprocess_race.doc_to_text: cloze answers inline, others as Question/Answer lines,
     # then the last question with no "Answer:" after it.
     assert first.contexts[0] == (
@@ -100,3 +110,45 @@ def test_race_article_grouping_matches_lm_eval(tmp_path):
     )
     assert first.continuations == [" Work", " Students", " Food", " Weather"] and first.gold == 0
     assert second.contexts[0] == f"Article: {RACE['article']}\n\nOnly one?" and second.gold == 3
+
+
+class ChatTokenizer:
+    """A tokenizer's chat-template surface: a BOS the tokenizer itself adds, and a template."""
+
+    bos_token, bos_token_id, chat_template = "<s>", 1, "…"
+
+    def __call__(self, text):
+        return {"input_ids": [1, 5]}
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize and add_generation_prompt
+        return f"<s><|user|>\n{messages[0]['content']}\n<|assistant|>\n"
+
+
+def test_chat_template_wraps_every_context_once(tmp_path):
+    spec = dataset_preset("piqa", data_dir=str(write_split(tmp_path, [PIQA])))
+    examples = load_split(spec, "train")
+    model = ModelSettings(name_or_path="m", chat_template=True)
+    [plain] = build_prompts(examples, spec.prompt, "mcq")
+    [chat] = formats.model_prompts(examples, spec, "mcq", ChatTokenizer(), model)
+    # BOS dropped (the tokenizer adds it), one user turn; the answer starts the assistant's turn
+    assert chat.contexts == [f"<|user|>\n{plain.contexts[0]}\n<|assistant|>\n"] * 2
+    assert chat.continuations == ["A", "B"] and chat.gold == plain.gold
+    model.chat_template = False
+    assert formats.model_prompts(examples, spec, "mcq", ChatTokenizer(), model) == [plain]
+
+
+def test_chat_template_missing_is_a_config_error(tmp_path):
+    spec = dataset_preset("piqa", data_dir=str(write_split(tmp_path, [PIQA])))
+    tokenizer = ChatTokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(
+        ConfigError, match="model.chat_template=true: the tokenizer of m has no chat template"
+    ):
+        formats.model_prompts(
+            load_split(spec, "train"),
+            spec,
+            "mcq",
+            tokenizer,
+            ModelSettings(name_or_path="m", chat_template=True),
+        )
