@@ -23,7 +23,7 @@ from typing import Any
 
 from flexora_cli import __version__, report
 from flexora_cli.errors import ConfigError, DamagedArtifactError, MissingArtifactError
-from flexora_cli.rundir import RunDir, now, sha256_of
+from flexora_cli.rundir import MODEL_CARD, RunDir, now, sha256_of
 from flexora_cli.settings import Settings
 
 # The settings each stage's output depends on; later stages include earlier ones, so a change
@@ -73,12 +73,13 @@ def settings_differences(saved: Any, current: Any, prefix: str = "") -> list[str
 
 
 def fingerprint(paths: list[Path], root: Path) -> dict[str, dict]:
-    """Size and sha256 of every file in `paths` (folders walked), keyed by path relative to root."""
+    """Size and sha256 of every file in `paths` (folders walked, their model card left out: eval
+    rewrites it), keyed by path relative to root."""
     files = sorted(
         f
         for p in paths
         for f in ([p] if p.is_file() else p.rglob("*"))
-        if f.is_file() and not f.name.startswith(".")
+        if f.is_file() and not f.name.startswith(".") and (f == p or f.name != MODEL_CARD)
     )
     return {str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": sha256_of(f)} for f in files}
 

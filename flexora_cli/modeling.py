@@ -184,6 +184,7 @@ def lora_config(spec: ModelSettings, lora: LoraSettings, layers: list[int] | Non
         lora_dropout=lora.dropout,
         target_modules=list(spec.target_modules),
         use_rslora=lora.variant == "rslora",
+        init_lora_weights=True if lora.init == "default" else lora.init,
         use_dora=lora.variant == "dora",
         layers_to_transform=sorted(layers) if layers is not None else None,
         layers_pattern=spec.layers_path.split(".")[-1] if layers is not None else None,
@@ -210,6 +211,19 @@ def attach_lora(
     if gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)
     return peft_model
+
+
+def save_initial_adapter(peft_model: PeftModel, directory: Path) -> Path:
+    """A PiSSA/OLoRA adapter as initialised, before any step: what peft's save_pretrained needs
+    (path_initial_model_for_weight_conversion) to turn the trained adapter into a plain LoRA on the
+    unmodified base. Saved as init_lora_weights=True, so loading it does not decompose the base again."""
+    config = peft_model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        peft_model.save_pretrained(str(directory / "initial_adapter"), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+    return directory / "initial_adapter"
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

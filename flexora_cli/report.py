@@ -177,6 +177,13 @@ def metrics_table(summary: dict) -> Table:
     return table
 
 
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table (compare's table.md, summary.md, the model card)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def evaluated_with(summary: dict) -> str:
     """What scored eval/metrics.json: `mcq format`, `completion format` or `lm-eval 0.4.13`."""
     evaluator = summary.get("evaluator", "flexora")

@@ -24,6 +24,8 @@ from typing import Any
 STAGES = ("search", "select", "finetune", "eval", "export")
 
 
+MODEL_CARD = "README.md"
+"""The adapter's model card (model_card.py): documentation, rewritten by eval, so not verified."""
 LAUNCH_FAILURE = ".failed"
 """out_dir/.failed: the first error of a multi-process launch, for the other processes (stages.locked)."""
 

@@ -27,6 +27,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRACKERS = ("auto", "none", "tensorboard", "wandb")
 ON_NONFINITE = ("error", "skip")
 LORA_VARIANTS = ("lora", "dora", "rslora")
+LORA_INITS = ("default", "pissa", "olora")
 HYPERGRADIENTS = ("first_order", "darts", "unrolled")
 DEMO_TASKS = ("tiny", "smollm2")
 
@@ -148,6 +149,12 @@ class LoraSettings:
     (peft's use_dora: weight-decomposed). The search gates plain LoRA (with rslora's scaling)
     whichever is chosen: a gate on DoRA's low-rank path would leave its weight norm ungated, so
     α would not scale the adapter's effect. finetune trains the chosen variant."""
+    init: str = "default"
+    """How finetune initialises the adapter: default (B = 0), pissa (the principal singular
+    components of each weight, moved out of it) or olora (an orthonormal QR basis), peft's
+    init_lora_weights. The saved adapter is converted to a plain LoRA of rank 2r that applies to
+    the unmodified base. The search always gates default-initialised LoRA: a PiSSA adapter holds
+    part of the base weight, so a gate on it would scale the base model too."""
 
 
 @dataclass
@@ -388,6 +395,7 @@ class Settings:
         for key in ("search.max_grad_norm", "search.alpha_max_grad_norm", "finetune.max_grad_norm"):
             value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
             check(value >= 0, f"{key}: must be >= 0 (0 turns clipping off), got {value}")
+        problems += self._lora_init_problems()
         problems += self._hypergradient_problems()
         for key in ("search", "finetune"):
             value = getattr(self, key).on_nonfinite
@@ -459,6 +467,26 @@ class Settings:
         check(self.pad_to_multiple_of > 0, f"pad_to_multiple_of: must be > 0, got {self.pad_to_multiple_of}")
         check(self.checkpoint_every > 0, f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
         check(self.keep_checkpoints > 0, f"keep_checkpoints: must be > 0, got {self.keep_checkpoints}")
+        return problems
+
+    def _lora_init_problems(self) -> list[str]:
+        init = self.lora.init
+        if init not in LORA_INITS:
+            return [f"lora.init: {init!r} is not one of {', '.join(LORA_INITS)}"]
+        if init == "default":
+            return []
+        problems = []
+        if self.lora.variant == "dora":
+            problems.append(
+                f"lora.init={init}: not with lora.variant=dora (peft cannot convert a DoRA adapter that "
+                "moved weight out of the base back to the base); use lora.variant=lora or rslora"
+            )
+        if self.model.quantization != "none":
+            problems.append(
+                f"lora.init={init}: not with model.quantization={self.model.quantization} (the residual "
+                "weight is re-quantized, so the saved adapter would not fit the quantized base); "
+                "use model.quantization=none"
+            )
         return problems
 
     def _evaluator_problems(self) -> list[str]:

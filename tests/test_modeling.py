@@ -89,3 +89,36 @@ def test_wrong_layout_is_a_clear_error():
         lora_params_per_layer(
             ChatGLMLike(), ModelSettings(layers_path=GLM.layers_path, target_modules=["q_proj"]), LORA
         )
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_save_as_plain_lora_on_the_unmodified_base(init, demo_dir, tmp_path):
+    """lora.init=pissa|olora moves part of W into the adapter; the saved adapter (rank 2r) on the
+    original base must give the trained model's output (peft's conversion, as finetune saves)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from flexora_cli.modeling import save_initial_adapter
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(f"{demo_dir}/model", dtype=torch.float32).eval()
+
+    spec = ModelSettings(name_or_path=f"{demo_dir}/model")
+    model = attach_lora(base(), spec, LoraSettings(r=4, init=init, dropout=0.0), [1, 3]).eval()
+    initial = save_initial_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    with torch.no_grad():  # "training": move every adapter weight
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        trained = model(ids).logits
+    model.save_pretrained(str(tmp_path / "adapter"), path_initial_model_for_weight_conversion=str(initial))
+    reloaded = PeftModel.from_pretrained(base(), str(tmp_path / "adapter")).eval()
+    assert (
+        reloaded.peft_config["default"].r == 8 and reloaded.peft_config["default"].init_lora_weights is True
+    )
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, trained, atol=1e-4)
+        assert not torch.allclose(base()(ids).logits, trained, atol=1e-3)  # the adapter matters

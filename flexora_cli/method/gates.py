@@ -85,8 +85,11 @@ class LayerGates(nn.Module):
 
 def gated_lora(lora: LoraSettings) -> LoraSettings:
     """The LoRA the search gates: DoRA becomes plain LoRA (its weight norm would stay ungated,
-    LoraSettings.variant); rslora keeps its scaling, which the gate multiplies like any other."""
-    return dataclasses.replace(lora, variant="lora") if lora.variant == "dora" else lora
+    LoraSettings.variant), and PiSSA/OLoRA default-initialised LoRA (their adapter holds part of
+    the base weight, LoraSettings.init); rslora keeps its scaling, which the gate multiplies."""
+    return dataclasses.replace(
+        lora, variant="lora" if lora.variant == "dora" else lora.variant, init="default"
+    )
 
 
 def gated_lora_model(base: nn.Module, settings: Settings) -> tuple[AnswerLM, LayerGates]:

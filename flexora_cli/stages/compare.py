@@ -81,7 +81,9 @@ def _save(run_dir: RunDir, rows: list[dict], model: str) -> None:
     compare_dir = run_dir.root / "compare"
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     run_dir.write_json(compare_dir / "results.json", {"datasets": datasets, "model": model, "rows": rows})
-    run_dir.write_text(compare_dir / "table.md", _markdown(rows))
+    run_dir.write_text(
+        compare_dir / "table.md", report.markdown_table(COLUMNS, [_cells(row) for row in rows])
+    )
     run_dir.write_text(compare_dir / "table.csv", _csv(rows))
     report.result(_table(rows, ", ".join(datasets)))
     report.result(f"compare: wrote {compare_dir}/table.md, table.csv, results.json")
@@ -135,12 +137,6 @@ def _cells(row: dict) -> list[str]:
         f"{row['acc_stderr']:.4f}",
         *seconds,
     ]
-
-
-def _markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _csv(rows: list[dict]) -> str:

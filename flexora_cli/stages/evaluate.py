@@ -27,6 +27,7 @@ from flexora_cli.data.prompts import Prompt, model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError, ModelError
 from flexora_cli.manifest import Manifest
+from flexora_cli.model_card import write_model_card
 from flexora_cli.modeling import load_model, load_tokenizer
 from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import choice_metrics, score
@@ -84,6 +85,8 @@ def run(cfg: DictConfig | Settings) -> dict:
     accuracies = {f"{d}/{v}_acc": results[d][v].get("acc") for d in results for v in results[d]}
     inputs = ("finetune",) if settings.eval.adapters is None else ()
     manifest.complete("eval", settings, outputs, inputs, key, **accuracies)
+    if key == "eval" and settings.eval.adapters is None:  # this run's adapter: its card gets the table
+        write_model_card(run_dir, settings)
     report.result(report.metrics_table(summary))
     facts = [f"{len(results)} dataset(s) × {len(variants)} variant(s), {report.evaluated_with(summary)}"]
     report.result(report.stage_panel("eval", facts, outputs[::-1]))

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import tempfile
 import time
+import warnings
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -20,9 +23,11 @@ from flexora_cli.data.batches import Batches, training_features
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
+from flexora_cli.errors import ConfigError
 from flexora_cli.manifest import Manifest
 from flexora_cli.method import Selection
-from flexora_cli.modeling import attach_lora, load_model, load_tokenizer
+from flexora_cli.model_card import write_model_card
+from flexora_cli.modeling import attach_lora, load_model, load_tokenizer, save_initial_adapter
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
 from flexora_cli.stages import collator, locked, setup
@@ -60,6 +65,8 @@ def run(cfg: DictConfig | Settings) -> dict:
 
     base = load_model(settings.model, engine.device, engine.precision)
     peft_model = attach_lora(base, settings.model, settings.lora, layers, settings.gradient_checkpointing)
+    scratch = tempfile.TemporaryDirectory(prefix="flexora-")  # this process's, gone with it
+    initial = _initial_adapter(peft_model, settings, engine, Path(scratch.name))
     params = trainable_parameters(peft_model)
     total_steps = max(1, math.ceil(spec.epochs * len(batches)))
     if (seen := batches.examples_in(total_steps)) < len(features):
@@ -103,12 +110,13 @@ def run(cfg: DictConfig | Settings) -> dict:
     # -- save: a standard PEFT adapter ---------------------------------------------------------
     state = engine.full_state_dict(model)  # every process takes part in the gather (FSDP)
     with run_dir.atomic_dir(run_dir.adapter_dir) as tmp:
-        engine.unwrap(model).lm.save_pretrained(tmp, state_dict=_lm_state(state), safe_serialization=True)
+        _save_adapter(engine.unwrap(model).lm, tmp, _lm_state(state), initial)
     this_run = time.time() - started  # tokens count this run only
     tokens_per_second = round(tokens / this_run, 1) if this_run else None
     examples_seen = batches.examples_in(loop.step)
     result = finetune_result(layers, params, examples_seen, len(features), engine, loop, tokens_per_second)
     write_outputs(run_dir, engine, result)
+    write_model_card(run_dir, settings)
     loop.finish([run_dir.adapter_dir], inputs=("select",), logs=(run_dir.finetune_log_json,))
     return result
 
@@ -168,6 +176,32 @@ def write_outputs(run_dir: RunDir, engine: Engine, result: dict) -> None:
     ]
     files = [run_dir.adapter_dir, run_dir.finetune_log_json, run_dir.finetune_loss_png]
     report.result(report.stage_panel("finetune", facts, files + [run_dir.root / "logs" / "finetune"]))
+
+
+def _initial_adapter(peft_model, settings: Settings, engine: Engine, scratch: Path) -> Path | None:
+    """lora.init=pissa|olora: the adapter as initialised, saved for the conversion at the end
+    (modeling.save_initial_adapter); None for default init. A resumed run re-initialises alike."""
+    if settings.lora.init == "default":
+        return None
+    if engine.shards_parameters:
+        raise ConfigError(
+            f"lora.init={settings.lora.init}: not under FSDP (peft converts the adapter from whole "
+            "parameters); launch finetune with DDP, or use lora.init=default"
+        )
+    return save_initial_adapter(peft_model, scratch)
+
+
+def _save_adapter(peft_model, folder: Path, state: dict, initial: Path | None) -> None:
+    """A standard PEFT adapter; PiSSA/OLoRA's converted by peft to a plain LoRA (rank 2r) on the
+    unmodified base, from the adapter as initialised (`initial`)."""
+    if initial is None:
+        peft_model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        return
+    with warnings.catch_warnings():  # peft's advice to convert, given while converting
+        warnings.filterwarnings("ignore", message=".*changes the base weights")
+        peft_model.save_pretrained(
+            folder, safe_serialization=True, path_initial_model_for_weight_conversion=str(initial)
+        )
 
 
 def _lm_state(state: dict) -> dict:

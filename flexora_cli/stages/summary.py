@@ -41,7 +41,10 @@ def run(directory: str) -> dict:
 
     writer = RunDir(root)
     writer.write_json(root / "summary.json", summary)
-    writer.write_text(root / "summary.md", _markdown(columns, rows))
+    writer.write_text(
+        root / "summary.md",
+        report.markdown_table(columns, [[_cell(row.get(c)) for c in columns] for row in rows]),
+    )
     writer.write_text(root / "summary.csv", _csv(columns, rows))
     report.result(_table(columns, rows, root))
     report.result(f"summary: {len(rows)} runs; wrote {root}/summary.md, summary.csv, summary.json")
@@ -92,12 +95,6 @@ def _cell(value: object) -> str:
     if isinstance(value, list):
         return ",".join(map(str, value))
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
-
-
-def _markdown(columns: list[str], rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _csv(columns: list[str], rows: list[dict]) -> str:

@@ -31,9 +31,10 @@ class Stack(nn.Module):
         return x
 
 
-def lora_stack(seed: int = 0, variant: str = "lora"):
+def lora_stack(seed: int = 0, variant: str = "lora", init="default"):
     torch.manual_seed(seed)
     config = LoraConfig(
+        init_lora_weights=True if init == "default" else init,
         r=2,
         lora_alpha=4,
         target_modules=["q_proj", "v_proj"],
@@ -47,10 +48,13 @@ def lora_stack(seed: int = 0, variant: str = "lora"):
     return model
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
-def test_alpha_zero_is_plain_lora(variant):
-    """α = 1 reproduces plain PEFT output exactly, for every lora.variant."""
-    model = lora_stack(variant=variant)
+@pytest.mark.parametrize(
+    ("variant", "init"),
+    [("lora", "default"), ("rslora", "default"), ("dora", "default"), ("lora", "pissa"), ("lora", "olora")],
+)
+def test_alpha_zero_is_plain_lora(variant, init):
+    """α = 1 reproduces plain PEFT output exactly, for every lora.variant and lora.init."""
+    model = lora_stack(variant=variant, init=init)
     x = torch.randn(4, 6)
     plain = model(x)
     gates = LayerGates(3)
@@ -89,6 +93,9 @@ def test_the_search_gates_plain_lora_in_place_of_dora():
 
     assert gated_lora(LoraSettings(variant="dora")).variant == "lora"
     assert gated_lora(LoraSettings(variant="rslora")).variant == "rslora"
+    # PiSSA/OLoRA move part of the base weight into the adapter: a gate on it would scale the base
+    for init in ("pissa", "olora"):
+        assert gated_lora(LoraSettings(init=init)) == LoraSettings(init="default")
 
 
 def test_alphas_sum_to_num_layers():
