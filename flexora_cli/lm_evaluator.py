@@ -26,6 +26,7 @@ def tasks(settings: Settings):
     """lm-eval's TaskManager for eval.tasks (with eval.include_path), checked before any model
     loads: a ConfigError names the install command when lm-eval is missing, or the unknown tasks."""
     try:
+        import lm_eval  # noqa: F401  (the package first: a stale lm_eval.tasks import must not pass)
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise ConfigError(

@@ -35,6 +35,7 @@ def test_recipe_composes_and_validates(recipe):
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_group_option_composes(group, option):
     extra = ["demo_assets=/tmp/x"] if option == "tiny" or option.startswith("demo") else []
+    extra += ["dataset.data_dir=/data/quiz"] if option == "custom" else []  # the base of a user's config
     load(compose_config(f"{group}={option}", *extra))
 
 
@@ -47,6 +48,13 @@ def test_recipes_hold_only_differences():
     assert glm.model.target_modules == ["query_key_value"] and glm.model.trust_remote_code
     race = load(compose_config("recipe=llama3_race_high"))
     assert (race.dataset.hub_config, race.dataset.eval_split) == ("high", "test")
+    # dataset presets inherit through `defaults`: race_middle and the demos hold only differences
+    middle = load(compose_config("recipe=llama3_race_middle")).dataset
+    assert (middle.hub_config, middle.columns, middle.prompt) == (
+        "middle",
+        race.dataset.columns,
+        race.dataset.prompt,
+    )
 
 
 def test_command_line_overrides_win_over_the_recipe():
@@ -72,9 +80,14 @@ def test_command_line_overrides_win_over_the_recipe():
 
 def test_free_composition_without_recipe():
     settings = load(compose_config("model=mistral_7b", "dataset=hellaswag", "lora=r16", "search=budget_5k"))
-    assert (settings.model.name, settings.dataset.schema, settings.lora.r, settings.search.budget) == (
+    assert (
+        settings.model.name,
+        settings.dataset.columns.choices,
+        settings.lora.r,
+        settings.search.budget,
+    ) == (
         "mistral_7b",
-        "hellaswag",
+        "endings",
         16,
         5000,
     )

@@ -30,7 +30,9 @@ def tiny(tiny_cfg):
     settings = load(tiny_cfg("format=completion"))
     tokenizer = load_tokenizer(settings.model)
     examples = load_split(settings.dataset, "train")[:7]
-    rows = training_features(tokenizer, build_prompts(examples, "completion"), settings.max_length)
+    rows = training_features(
+        tokenizer, build_prompts(examples, settings.dataset.prompt, "completion"), settings.max_length
+    )
     assert len({len(r["input_ids"]) for r in rows}) > 1
     return settings, tokenizer, rows
 

@@ -47,9 +47,11 @@ def demo_rows(demo_dir):
     settings = load(compose_config("recipe=demo", f"demo_assets={demo_dir}"))
     tokenizer = load_tokenizer(settings.model)
     examples = load_split(settings.dataset, "train")[:12]
-    prompts = build_prompts(examples, "completion")
+    prompts = build_prompts(examples, settings.dataset.prompt, "completion")
     rows = training_features(tokenizer, prompts, 128)
-    lettered = training_features(tokenizer, build_prompts(examples[:1], "mcq"), 128)[0]
+    lettered = training_features(tokenizer, build_prompts(examples[:1], settings.dataset.prompt, "mcq"), 128)[
+        0
+    ]
     assert max(len(r["input_ids"]) for r in rows) < 33 < len(lettered["input_ids"])
     rows.append({"input_ids": lettered["input_ids"][-33:], "labels": lettered["labels"][-33:]})
     return tokenizer, rows, prompts

@@ -234,7 +234,7 @@ def test_export_merges_into_a_plain_model_that_predicts_alike(tiny_cfg, demo_dir
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # the tokenizer travels with it
     base = AutoModelForCausalLM.from_pretrained(f"{demo_dir}/model")
     adapted = PeftModel.from_pretrained(base, str(RunDir(cfg.out_dir).adapter_dir)).eval()
-    prompts = build_prompts(load_split(load(cfg).dataset, "validation")[:30], "mcq")
+    prompts = build_prompts(load_split(load(cfg).dataset, "validation")[:30], load(cfg).dataset.prompt, "mcq")
     assert flat(score(merged, tokenizer, prompts, 8, 128)) == pytest.approx(
         flat(score(adapted, tokenizer, prompts, 8, 128)), abs=1e-4
     )
