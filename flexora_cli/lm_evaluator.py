@@ -22,7 +22,7 @@ from flexora_cli.settings import Settings
 INSTALL = "pip install 'flexora-cli[lmeval]' (lm_eval==0.4.13)"
 
 
-def tasks(settings: Settings):
+def task_manager(settings: Settings):
     """lm-eval's TaskManager for eval.tasks (with eval.include_path), checked before any model
     loads: a ConfigError names the install command when lm-eval is missing, or the unknown tasks."""
     try:
@@ -59,7 +59,7 @@ def evaluate(
     num_processes: int,
 ) -> tuple[dict, dict, list[dict]]:
     """(results[task][variant], splits[task], per-example rows) from lm-eval, for every variant
-    (`manager`: tasks(settings))."""
+    (`manager`: task_manager(settings))."""
     if num_processes > 1:
         raise ConfigError(
             "eval.evaluator=lm_eval runs in one process (lm-eval does not split a loaded model); "
