@@ -22,9 +22,15 @@ from flexora_cli.settings import Settings
 INSTALL = "pip install 'flexora-cli[lmeval]' (lm_eval==0.4.13)"
 
 
-def task_manager(settings: Settings):
+def task_manager(settings: Settings, num_processes: int):
     """lm-eval's TaskManager for eval.tasks (with eval.include_path), checked before any model
-    loads: a ConfigError names the install command when lm-eval is missing, or the unknown tasks."""
+    loads: a ConfigError names the install command when lm-eval is missing, the unknown tasks, or
+    a multi-process launch (lm-eval does not split a model it is handed)."""
+    if num_processes > 1:
+        raise ConfigError(
+            "eval.evaluator=lm_eval runs in one process (lm-eval does not split a loaded model); "
+            "launch `flexora eval` without torchrun/accelerate"
+        )
     try:
         import lm_eval  # noqa: F401  (the package first: a stale lm_eval.tasks import must not pass)
         from lm_eval.tasks import TaskManager
@@ -56,15 +62,9 @@ def evaluate(
     variants: list[str],
     use_variant: Callable,
     settings: Settings,
-    num_processes: int,
 ) -> tuple[dict, dict, list[dict]]:
     """(results[task][variant], splits[task], per-example rows) from lm-eval, for every variant
     (`manager`: task_manager(settings))."""
-    if num_processes > 1:
-        raise ConfigError(
-            "eval.evaluator=lm_eval runs in one process (lm-eval does not split a loaded model); "
-            "launch `flexora eval` without torchrun/accelerate"
-        )
     from lm_eval.models.huggingface import HFLM
 
     batch = settings.eval.batch_size

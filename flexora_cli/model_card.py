@@ -5,24 +5,19 @@ so the manifest leaves it out of the adapter's verified files (manifest.fingerpr
 
 from __future__ import annotations
 
-import json
-
 from flexora_cli import report
 from flexora_cli.method.results import SearchResult, Selection
-from flexora_cli.rundir import MODEL_CARD, RunDir
+from flexora_cli.rundir import MODEL_CARD, RunDir, read_json
 from flexora_cli.settings import Settings
 
 
-def write_model_card(run_dir: RunDir, settings: Settings) -> None:
-    """Write the card from this run's records (the ones that exist so far)."""
-    alpha = (
-        SearchResult.read(run_dir.alpha_json, "search", "finetune") if run_dir.alpha_json.is_file() else None
-    )
-    selection = Selection.read(run_dir.selection_json, "select", "finetune")
-    train_log = (
-        json.loads(run_dir.finetune_log_json.read_text()) if run_dir.finetune_log_json.is_file() else {}
-    )
-    metrics = json.loads(run_dir.metrics_json.read_text()) if run_dir.metrics_json.is_file() else None
+def write_model_card(run_dir: RunDir, settings: Settings, stage: str) -> None:
+    """Write the card from this run's records (the ones that exist so far), for `stage`."""
+    alpha = SearchResult.read(run_dir.alpha_json, "search", stage) if run_dir.alpha_json.is_file() else None
+    selection = Selection.read(run_dir.selection_json, "select", stage)
+    log = run_dir.finetune_log_json
+    train_log = read_json(log, "finetune", stage) if log.is_file() else {}
+    metrics = read_json(run_dir.metrics_json, "eval", stage) if run_dir.metrics_json.is_file() else None
     sections = [
         _header(settings, selection),
         _ranking(alpha, selection),

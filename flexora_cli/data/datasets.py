@@ -170,7 +170,7 @@ def last_question_per_article(examples: list[MCExample]) -> list[MCExample]:
 def load_split(spec: DatasetSettings, split: str) -> list[MCExample]:
     """All examples of one split, from local files if the config names any, else from the hub."""
     local = split_file(spec, split) if (spec.data_files or spec.data_dir) else None
-    rows = _local_rows(local, split) if local else _hub_rows(spec, split)
+    rows = _local_rows(local) if local else _hub_rows(spec, split)
     examples = parse_rows(spec.columns, rows)
     if spec.race_grouping == "article":
         examples = last_question_per_article(examples)
@@ -215,7 +215,7 @@ def _quiet_datasets():
     return datasets
 
 
-def _local_rows(path: Path, split: str) -> Iterable[tuple[str, object]]:
+def _local_rows(path: Path) -> Iterable[tuple[str, object]]:
     datasets = _quiet_datasets()
     try:
         rows = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")

@@ -47,13 +47,13 @@ def run(cfg: DictConfig | Settings) -> dict:
             f"this one goes to {run_dir.root / key}"
         )
     lm_eval = settings.eval.evaluator == "lm_eval"
-    lm_eval_tasks = lm_evaluator.task_manager(settings) if lm_eval else None
+    engine = Engine(settings)
+    lm_eval_tasks = lm_evaluator.task_manager(settings, engine.num_processes) if lm_eval else None
     evaluator = f"lm-eval {lm_evaluator.version()}" if lm_eval else "flexora"
     eval_format = None if lm_eval else settings.eval.format or settings.format
     adapters = _adapter_dirs(settings, manifest)
     tokenizer = load_tokenizer(settings.model)
     tasks = {} if lm_eval else _tasks(settings, tokenizer)
-    engine = Engine(settings)
     model = load_model(settings.model, engine.device, engine.precision)
     model = _attach_adapters(model, adapters, settings)
     manifest.begin("eval", settings, key)
@@ -62,7 +62,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     variants = (["base"] if settings.eval.include_base else []) + list(adapters)
     if lm_eval:
         results, splits, rows = lm_evaluator.evaluate(
-            model, tokenizer, lm_eval_tasks, variants, _use_variant, settings, engine.num_processes
+            model, tokenizer, lm_eval_tasks, variants, _use_variant, settings
         )
     else:
         results, rows = _score_tasks(model, tokenizer, tasks, variants, settings, engine)
@@ -86,7 +86,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     inputs = ("finetune",) if settings.eval.adapters is None else ()
     manifest.complete("eval", settings, outputs, inputs, key, **accuracies)
     if key == "eval" and settings.eval.adapters is None:  # this run's adapter: its card gets the table
-        write_model_card(run_dir, settings)
+        write_model_card(run_dir, settings, "eval")
     report.result(report.metrics_table(summary))
     facts = [f"{len(results)} dataset(s) × {len(variants)} variant(s), {report.evaluated_with(summary)}"]
     report.result(report.stage_panel("eval", facts, outputs[::-1]))

@@ -116,7 +116,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     examples_seen = batches.examples_in(loop.step)
     result = finetune_result(layers, params, examples_seen, len(features), engine, loop, tokens_per_second)
     write_outputs(run_dir, engine, result)
-    write_model_card(run_dir, settings)
+    write_model_card(run_dir, settings, "finetune")
     loop.finish([run_dir.adapter_dir], inputs=("select",), logs=(run_dir.finetune_log_json,))
     return result
 
