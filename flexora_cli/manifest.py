@@ -25,27 +25,8 @@ from flexora_cli import __version__, report
 from flexora_cli.errors import ConfigError, DamagedArtifactError, MissingArtifactError
 from flexora_cli.rundir import MODEL_CARD, RunDir, now, sha256_of
 from flexora_cli.settings import Settings
+from flexora_cli.stage_table import BY_NAME
 
-# The settings each stage's output depends on; later stages include earlier ones, so a change
-# upstream invalidates everything downstream.
-_SEARCH_KEYS = (
-    "model",
-    "dataset",
-    "lora",
-    "search",
-    "seed",
-    "format",
-    "max_length",
-    "precision",
-    "group_by_length",
-)
-_STAGE_KEYS = {
-    "search": _SEARCH_KEYS,
-    "select": (*_SEARCH_KEYS, "select"),
-    "finetune": (*_SEARCH_KEYS, "select", "finetune"),
-    "eval": (*_SEARCH_KEYS, "select", "finetune", "eval"),
-    "export": (*_SEARCH_KEYS, "select", "finetune"),
-}
 RECORD = "outputs.json"
 
 
@@ -55,7 +36,7 @@ def stage_settings(stage: str, settings: Settings) -> dict:
     for training in ("search", "finetune"):  # how a failure is handled, not what a stage computes
         as_dict[training].pop("on_nonfinite", None)
     as_dict["select"].pop("print", None)  # how the result is shown
-    return {key: as_dict[key] for key in _STAGE_KEYS[stage]}
+    return {key: as_dict[key] for key in BY_NAME[stage].settings}
 
 
 def stage_hash(stage: str, settings: Settings) -> str:

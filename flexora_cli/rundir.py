@@ -21,9 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-STAGES = ("search", "select", "finetune", "eval", "export")
-
-
 MODEL_CARD = "README.md"
 """The adapter's model card (model_card.py): documentation, rewritten by eval, so not verified."""
 LAUNCH_FAILURE = ".failed"

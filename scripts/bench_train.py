@@ -155,14 +155,13 @@ def measure(args: argparse.Namespace) -> dict:
 
     from flexora_cli.engine import Engine
     from flexora_cli.modeling import load_model
-    from flexora_cli.stages import collator
 
     engine = Engine(settings)
     base = load_model(settings.model, engine.device, engine.precision)
     layers = base.config.num_hidden_layers
     picked = {"lora_all": None, "half_top": range(layers // 2, layers), "half_spread": range(0, layers, 2)}
-    one_step, model = training_step(engine, base, settings, variant, picked.get(variant), total)
-    collate = collator(settings, engine, model, 0, 1)
+    built = training_step(engine, base, settings, variant, picked.get(variant), total)
+    one_step, collate = built.one_step, built.collate
     shapes = set()
 
     def collated(rows: list[dict]):
@@ -178,32 +177,24 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def training_step(engine, base, settings, variant: str, layers, total: int):
-    """(one_step(step, batch), wrapped model) of flexora's search or finetune step, exactly as the
-    stages build them (method.SearchStep, stages/finetune.LoraStep)."""
-    from flexora_cli.method import SearchStep, gated_lora_model, search_optimizers
+    """flexora's search or finetune step, built as the stages build it (method.build_search_step,
+    step.build_lora_step); the finetune step at a constant lr 1e-4, as the Trainer row runs."""
+    import dataclasses
+
+    from flexora_cli.method import build_search_step
     from flexora_cli.modeling import attach_lora
-    from flexora_cli.stages.finetune import LoraStep
-    from flexora_cli.step import AnswerLM, TrainStep, adamw_with_schedule, trainable_parameters
+    from flexora_cli.step import AnswerLM, build_lora_step
 
     if variant == "search":
-        model, gates = gated_lora_model(base, settings)
-    else:
-        lora_layers = list(layers) if layers is not None else None
-        model = AnswerLM(
-            attach_lora(base, settings.model, settings.lora, lora_layers, settings.gradient_checkpointing)
-        )
-    lora = trainable_parameters(model.lm)
-    if variant == "search":
-        optimizer, schedule, alpha_optimizer = search_optimizers(lora, gates, settings.search, total)
-        model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
-        train_step = TrainStep(engine, model, "search")
-        return SearchStep(
-            train_step, (optimizer, schedule, alpha_optimizer), lora, gates, settings.search
-        ), model
-    optimizer, schedule = adamw_with_schedule(lora, 1e-4, 0.0, "constant", 0.0, total)
-    model, optimizer = engine.prepare(model, optimizer)
-    train_step = TrainStep(engine, model, "finetune")
-    return LoraStep(train_step, optimizer, schedule, lora, settings.finetune.max_grad_norm), model
+        return build_search_step(engine, base, settings, total, pad_id=0)[0]
+    lora_layers = list(layers) if layers is not None else None
+    model = AnswerLM(
+        attach_lora(base, settings.model, settings.lora, lora_layers, settings.gradient_checkpointing)
+    )
+    constant = dataclasses.replace(
+        settings.finetune, lr=1e-4, weight_decay=0.0, scheduler="constant", warmup_ratio=0.0
+    )
+    return build_lora_step(engine, model, dataclasses.replace(settings, finetune=constant), total, pad_id=0)
 
 
 def measure_trainer(args: argparse.Namespace, settings, rows: list[dict]) -> dict:

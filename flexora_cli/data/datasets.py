@@ -1,8 +1,10 @@
 """Rows of any multiple-choice table → examples, by the dataset config's column mapping.
 
-Rows come from `datasets.load_dataset`: a hub id, or local JSONL, CSV or Parquet files. The four
-built-in tasks (recipes/dataset/) are instances of the same mapping. A row that breaks it is an
-error naming the file, the row and the column; nothing is skipped silently.
+Rows come from `datasets.load_dataset` (a hub id, or local JSONL, CSV or Parquet files) or from a
+`datasets.save_to_disk` folder (`load_from_disk`). The built-in tasks (recipes/dataset/) are
+instances of the same mapping. A row that breaks it is an error naming the file, the row and the
+column; nothing is skipped silently. One labelled split can be cut into seeded train / test parts
+(`dataset.partition`, data/partition.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flexora_cli.data.partition import PartitionRecord, cut
 from flexora_cli.data.templates import TemplateError, is_template, render
 from flexora_cli.errors import DataError
 from flexora_cli.settings import ColumnSettings, DatasetSettings
@@ -168,9 +171,14 @@ def last_question_per_article(examples: list[MCExample]) -> list[MCExample]:
 
 
 def load_split(spec: DatasetSettings, split: str) -> list[MCExample]:
-    """All examples of one split, from local files if the config names any, else from the hub."""
-    local = split_file(spec, split) if (spec.data_files or spec.data_dir) else None
-    rows = _local_rows(local) if local else _hub_rows(spec, split)
+    """All examples of one split: from a save_to_disk folder, local files, or the hub."""
+    if saved_folder(spec):
+        local, rows = f"{spec.data_dir}[{split}]", _saved_rows(Path(spec.data_dir), split)
+    elif spec.data_files or spec.data_dir:
+        local = split_file(spec, split)
+        rows = _local_rows(local)
+    else:
+        local, rows = None, _hub_rows(spec, split)
     examples = parse_rows(spec.columns, rows)
     if spec.race_grouping == "article":
         examples = last_question_per_article(examples)
@@ -179,6 +187,78 @@ def load_split(spec: DatasetSettings, split: str) -> list[MCExample]:
             f"{local or f'{spec.hub_id}[{split}]'}: split '{split}' is empty; give it at least one row"
         )
     return examples
+
+
+@dataclass(frozen=True)
+class Part:
+    """The examples a stage reads, and the partition they were cut by (None: a whole split)."""
+
+    examples: list[MCExample]
+    partition: PartitionRecord | None = None
+
+    def record(self) -> dict | None:
+        """The partition as a stage writes it into its outputs."""
+        return self.partition.to_json() if self.partition else None
+
+
+def load_part(spec: DatasetSettings, part: str) -> Part:
+    """The training examples (part="train": train_split) or the evaluation examples
+    (part="test": eval_split); with dataset.partition, that part of the cut."""
+    partition = spec.partition
+    if partition.split is None:
+        examples = load_split(spec, spec.train_split if part == "train" else spec.eval_split)
+        record = None
+    else:
+        where = f"{spec.name}[{partition.split}]"
+        train, test, record = cut(load_split(spec, partition.split), partition, where)
+        examples = train if part == "train" else test
+    return Part(examples, record)
+
+
+def part_split(spec: DatasetSettings, part: str) -> str:
+    """The name reports give the examples of load_part (e.g. validation, or validation:test)."""
+    if spec.partition.split:
+        return f"{spec.partition.split}:{part}"
+    return spec.train_split if part == "train" else spec.eval_split
+
+
+def saved_folder(spec: DatasetSettings) -> bool:
+    """Is dataset.data_dir a `datasets.save_to_disk` folder (a DatasetDict, or one split)?"""
+    if spec.data_files or not spec.data_dir:
+        return False
+    folder = Path(spec.data_dir).expanduser()
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _saved_rows(folder: Path, split: str) -> Iterable[tuple[str, object]]:
+    """The rows of `split` in a save_to_disk folder; a one-split folder serves its own split only."""
+    datasets = _quiet_datasets()
+    folder = folder.expanduser()
+    try:
+        saved = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # datasets and pyarrow raise many types; all mean "cannot read it"
+        raise DataError(
+            f"{folder}: not a readable datasets.save_to_disk folder ({_first_line(exc)[:160]}); "
+            "save it again with save_to_disk, or point dataset.data_dir at another folder"
+        ) from exc
+    if isinstance(saved, datasets.DatasetDict):
+        available = list(saved)
+        rows = saved.get(split)
+    else:
+        available = [saved.split and str(saved.split) or folder.name]
+        rows = saved if split in available else None
+    if rows is None:
+        raise DataError(
+            f"{folder} (a save_to_disk folder) has no '{split}' split, only {', '.join(available)}; "
+            f"set dataset.train_split / dataset.eval_split to one of those, or cut train and test "
+            f"parts from one with dataset.partition.split={available[0]}"
+        )
+    return ((f"{folder}[{split}] row {index}", dict(row)) for index, row in enumerate(rows, start=1))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def split_file(spec: DatasetSettings, split: str) -> Path:

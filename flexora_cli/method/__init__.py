@@ -16,7 +16,7 @@ stages/search.py and stages/select.py only load, loop, save and print around the
 
 from flexora_cli.method.gates import LayerGates, gated_lora_model
 from flexora_cli.method.results import SearchResult, Selection
-from flexora_cli.method.search_step import SearchStep, search_optimizers
+from flexora_cli.method.search_step import SearchStep, build_search_step, search_optimizers
 from flexora_cli.method.selection import (
     explicit_layers,
     noise_warning,
@@ -32,6 +32,7 @@ __all__ = [
     "SearchResult",
     "SearchStep",
     "Selection",
+    "build_search_step",
     "explicit_layers",
     "gated_lora_model",
     "noise_warning",

@@ -64,10 +64,19 @@ class SearchResult(_JsonRecord):
     nonfinite_steps_skipped: int
     history: list[dict] = field(default_factory=list)
     """Every log step: step, train_loss, val_loss, alpha (α̂ per layer), alpha_sum, grad_norm."""
+    alpha_steps: int | None = None
+    """α steps taken (steps − search.alpha_warmup_steps); None in files from before it existed."""
+    partition: dict | None = None
+    """dataset.partition's record (data.partition.PartitionRecord) when the rows were cut from one
+    split; None: the whole train split."""
 
     @property
     def num_layers(self) -> int:
         return len(self.alpha)
+
+    @property
+    def alpha_step_count(self) -> int:
+        return self.steps if self.alpha_steps is None else self.alpha_steps
 
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "num_layers": self.num_layers}

@@ -6,18 +6,45 @@ from __future__ import annotations
 
 import torch
 
-from flexora_cli.method.gates import LayerGates
+from flexora_cli.method.gates import LayerGates, gated_lora_model
 from flexora_cli.method.hypergradient import DropoutOff, make_hypergradient
 from flexora_cli.settings import SearchSettings
-from flexora_cli.step import Collated, TrainStep, adamw_with_schedule
+from flexora_cli.step import (
+    BuiltStep,
+    Collated,
+    TrainStep,
+    adamw_with_schedule,
+    make_collator,
+    trainable_parameters,
+)
 
 
 def search_optimizers(lora: list, gates: LayerGates, search: SearchSettings, total_steps: int) -> tuple:
-    """(LoRA AdamW, its cosine schedule, α̂'s Adam): the optimizers of the authors' code."""
+    """(LoRA AdamW, its cosine schedule, α̂'s optimizer): Adam, as the authors' code, or plain SGD."""
     optimizer, schedule = adamw_with_schedule(
         lora, search.lr, search.weight_decay, "cosine", search.warmup_ratio, total_steps
     )
+    if search.alpha_optimizer == "sgd":
+        # fused: the step guard skips a non-finite update on the device through found_inf
+        return optimizer, schedule, torch.optim.SGD(gates.parameters(), lr=search.alpha_lr, fused=True)
     return optimizer, schedule, torch.optim.Adam(gates.parameters(), lr=search.alpha_lr, fused=True)
+
+
+def build_search_step(engine, base, settings, total_steps: int, pad_id: int) -> tuple[BuiltStep, LayerGates]:
+    """The search step over `base`: LoRA on every layer, gated per layer (the gates returned
+    beside the step), the authors' optimizers, settings.search's clipping and non-finite rule."""
+    search = settings.search
+    model, gates = gated_lora_model(base, settings)
+    lora = trainable_parameters(model.lm)
+    optimizer, schedule, alpha_optimizer = search_optimizers(lora, gates, search, total_steps)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    collate = make_collator(settings, engine, model, pad_id, search.grad_accum)
+    model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
+    train_step = TrainStep(engine, model, "search", search.on_nonfinite)
+    one_step = SearchStep(train_step, (optimizer, schedule, alpha_optimizer), lora, gates, search)
+    stateful = {"optimizer": optimizer, "scheduler": schedule, "alpha_optimizer": alpha_optimizer}
+    stateful["hypergradient"] = one_step.hypergradient  # unrolled: the last K steps' states
+    return BuiltStep(one_step, model, train_step, collate, trained, stateful), gates
 
 
 class SearchStep:
@@ -31,6 +58,7 @@ class SearchStep:
         self.train_step, self.lora, self.gates, self.alpha = train_step, lora, gates, list(gates.parameters())
         self.optimizer, self.schedule, self.alpha_optimizer = optimizers
         self.max_grad_norm, self.alpha_max_grad_norm = search.max_grad_norm, search.alpha_max_grad_norm
+        self.alpha_warmup_steps = search.alpha_warmup_steps
         module = train_step.engine.unwrap(train_step.model)
         self.dropout_off = DropoutOff(module)
         self.hypergradient = make_hypergradient(
@@ -45,6 +73,8 @@ class SearchStep:
         self.hypergradient.after_lora_step(norm)
         self.schedule.step()
         self._zero_grad()
+        if step <= self.alpha_warmup_steps:  # LoRA alone first (steps count from 1): gates see trained paths
+            return
 
         with self.dropout_off():
             val_loss = self.train_step.forward_backward(val)

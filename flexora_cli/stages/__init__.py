@@ -32,22 +32,6 @@ def setup(cfg: DictConfig | Settings) -> tuple[Settings, RunDir]:
     return settings, RunDir(settings.out_dir, plots=settings.plots)
 
 
-def collator(settings: Settings, engine, model, pad_id: int, grad_accum: int):
-    """The training step's collator for this stage: packed rows where the model allows
-    (step.AnswerLM.packed), this process's share of each global batch."""
-    from flexora_cli.step import Collator
-
-    return Collator(
-        pad_id=pad_id,
-        packed=model.packed,
-        pack_tokens=settings.pack_tokens,
-        multiple=settings.pad_to_multiple_of,
-        num_processes=engine.num_processes,
-        process_index=engine.process_index,
-        grad_accum=grad_accum,
-    )
-
-
 def planted_layers(settings: Settings) -> list[int] | None:
     """The demo's known right answer (None for real models)."""
     return demo.planted_layers(settings.demo_assets) if settings.demo_assets else None

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from peft import PeftModel
 
 from flexora_cli import lm_evaluator, report
-from flexora_cli.data.datasets import load_split
+from flexora_cli.data.datasets import load_part, part_split
 from flexora_cli.data.prompts import Prompt, model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError, ModelError
@@ -66,7 +66,7 @@ def run(cfg: DictConfig | Settings) -> dict:
         )
     else:
         results, rows = _score_tasks(model, tokenizer, tasks, variants, settings, engine)
-        splits = {dataset: split for dataset, (split, _) in tasks.items()}
+        splits = {dataset: split for dataset, (split, *_) in tasks.items()}
 
     # -- save ---------------------------------------------------------------------------------
     summary = {
@@ -77,6 +77,7 @@ def run(cfg: DictConfig | Settings) -> dict:
             name: (str(path) if path else None) for name, path in {"base": None, **adapters}.items()
         },
         "splits": splits,
+        "partitions": {dataset: partition for dataset, (*_, partition) in tasks.items() if partition},
         "results": results,
     }
     outputs = [run_dir.root / key / "predictions.jsonl", run_dir.root / key / "metrics.json"]
@@ -93,16 +94,17 @@ def run(cfg: DictConfig | Settings) -> dict:
     return summary
 
 
-def _tasks(settings: Settings, tokenizer) -> dict[str, tuple[str, list[Prompt]]]:
+def _tasks(settings: Settings, tokenizer) -> dict[str, tuple[str, list[Prompt], dict | None]]:
     """Dataset name → (split, prompts) for the built-in scorer; bad data fails before the model loads."""
     eval_format = settings.eval.format or settings.format
     tasks = {}
     for name in settings.eval.datasets or [settings.dataset.name]:
         spec = dataset_settings(name, settings)
-        examples = load_split(spec, spec.eval_split)[: settings.eval.limit]
+        part = load_part(spec, "test")
         tasks[spec.name] = (
-            spec.eval_split,
-            model_prompts(examples, spec, eval_format, tokenizer, settings.model),
+            part_split(spec, "test"),
+            model_prompts(part.examples[: settings.eval.limit], spec, eval_format, tokenizer, settings.model),
+            part.record(),
         )
     return tasks
 
@@ -113,7 +115,7 @@ def _score_tasks(
     """(results[dataset][variant], per-example rows) from the built-in log-likelihood scorer."""
     results: dict[str, dict] = {}
     rows: list[dict] = []
-    for dataset, (_, prompts) in tasks.items():
+    for dataset, (_, prompts, _) in tasks.items():
         results[dataset] = {}
         per_example = [{"dataset": dataset, "index": i, "gold": p.gold} for i, p in enumerate(prompts)]
         for variant in variants:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from flexora_cli import report
 from flexora_cli.data.batches import Batches, training_features
-from flexora_cli.data.datasets import load_split
+from flexora_cli.data.datasets import load_part
 from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
@@ -30,17 +30,8 @@ from flexora_cli.model_card import write_model_card
 from flexora_cli.modeling import attach_lora, load_model, load_tokenizer, save_initial_adapter
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
-from flexora_cli.stages import collator, locked, setup
-from flexora_cli.step import (
-    AnswerLM,
-    Collated,
-    Readout,
-    TrainStep,
-    adamw_with_schedule,
-    prefetched,
-    seed_everything,
-    trainable_parameters,
-)
+from flexora_cli.stages import locked, setup
+from flexora_cli.step import AnswerLM, Collated, Readout, build_lora_step, prefetched, seed_everything
 from flexora_cli.training import TrainingLoop
 
 
@@ -55,9 +46,8 @@ def run(cfg: DictConfig | Settings) -> dict:
     engine = Engine(settings)
     seed_everything(settings.seed)
 
-    examples = load_split(settings.dataset, settings.dataset.train_split)[
-        : settings.dataset.max_train_samples
-    ]
+    part = load_part(settings.dataset, "train")
+    examples = part.examples[: settings.dataset.max_train_samples]
     tokenizer = load_tokenizer(settings.model)
     prompts = model_prompts(examples, settings.dataset, settings.format, tokenizer, settings.model)
     features = training_features(tokenizer, prompts, settings.max_length)
@@ -67,30 +57,23 @@ def run(cfg: DictConfig | Settings) -> dict:
     peft_model = attach_lora(base, settings.model, settings.lora, layers, settings.gradient_checkpointing)
     scratch = tempfile.TemporaryDirectory(prefix="flexora-")  # this process's, gone with it
     initial = _initial_adapter(peft_model, settings, engine, Path(scratch.name))
-    params = trainable_parameters(peft_model)
     total_steps = max(1, math.ceil(spec.epochs * len(batches)))
     if (seen := batches.examples_in(total_steps)) < len(features):
         report.warn(
             f"finetune: finetune.epochs={spec.epochs} trains {total_steps} step(s) on {seen} of the "
             f"{len(features)} training examples (less than one epoch)"
         )
-    optimizer, schedule = adamw_with_schedule(
-        params, spec.lr, spec.weight_decay, spec.scheduler, spec.warmup_ratio, total_steps
+    built = build_lora_step(engine, AnswerLM(peft_model), settings, total_steps, tokenizer.pad_token_id)
+    model, lora_step, schedule = built.model, built.one_step, built.one_step.schedule
+    loop = TrainingLoop(
+        "finetune", settings, run_dir, engine, built.train_step, built.trained, built.stateful
     )
-    model = AnswerLM(peft_model)
-    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    collate = collator(settings, engine, model, tokenizer.pad_token_id, spec.grad_accum)
-    model, optimizer = engine.prepare(model, optimizer)
-    stateful = {"optimizer": optimizer, "scheduler": schedule}
-    train_step = TrainStep(engine, model, "finetune", spec.on_nonfinite)
-    loop = TrainingLoop("finetune", settings, run_dir, engine, train_step, trained, stateful)
 
     # -- loop: one optimizer step per global batch ---------------------------------------------
     started, tokens = time.time(), 0
     epoch, offset = divmod(loop.step, len(batches))
     epochs = itertools.count(epoch)
     global_batches = (rows for e in epochs for rows in batches.epoch(e, offset if e == epoch else 0))
-    lora_step = LoraStep(train_step, optimizer, schedule, params, spec.max_grad_norm)
 
     def one_step(step: int, batch: Collated) -> None:
         nonlocal tokens
@@ -104,7 +87,7 @@ def run(cfg: DictConfig | Settings) -> dict:
         return f"loss {loss:.3f}"
 
     model.train()
-    steps = prefetched(global_batches, collate, engine.device.type == "cuda")
+    steps = prefetched(global_batches, built.collate, engine.device.type == "cuda")
     loop.run(steps, total_steps, one_step, on_log, spec.log_every)
 
     # -- save: a standard PEFT adapter ---------------------------------------------------------
@@ -114,7 +97,9 @@ def run(cfg: DictConfig | Settings) -> dict:
     this_run = time.time() - started  # tokens count this run only
     tokens_per_second = round(tokens / this_run, 1) if this_run else None
     examples_seen = batches.examples_in(loop.step)
+    params = lora_step.params
     result = finetune_result(layers, params, examples_seen, len(features), engine, loop, tokens_per_second)
+    result["partition"] = part.record()
     write_outputs(run_dir, engine, result)
     write_model_card(run_dir, settings, "finetune")
     loop.finish([run_dir.adapter_dir], inputs=("select",), logs=(run_dir.finetune_log_json,))
@@ -146,21 +131,6 @@ def finetune_result(
         "nonfinite_steps_skipped": loop.skipped,
         "history": loop.history,
     }
-
-
-class LoraStep:
-    """One finetune step: forward/backward over a global batch, the guarded, clipped update, the
-    schedule's step (method.SearchStep is the search's)."""
-
-    def __init__(self, train_step: TrainStep, optimizer, schedule, params: list, max_grad_norm: float):
-        self.train_step, self.optimizer, self.schedule = train_step, optimizer, schedule
-        self.params, self.max_grad_norm = params, max_grad_norm
-
-    def __call__(self, step: int, batch: Collated) -> None:
-        loss = self.train_step.forward_backward(batch)
-        self.train_step.update(self.optimizer, self.params, loss, self.max_grad_norm, step)
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 def write_outputs(run_dir: RunDir, engine: Engine, result: dict) -> None:

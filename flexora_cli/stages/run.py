@@ -8,19 +8,18 @@ a stage whose outputs are missing or damaged runs again, saying why. With an exp
 
 from __future__ import annotations
 
+import importlib
+
 from omegaconf import DictConfig
 
 from flexora_cli import report
 from flexora_cli.manifest import Manifest
 from flexora_cli.settings import Settings
-from flexora_cli.stages import evaluate, finetune, locked, search, select, setup
+from flexora_cli.stage_table import BY_NAME, PIPELINE
+from flexora_cli.stages import locked, setup
 
-PIPELINE = (
-    ("search", search.run),
-    ("select", select.run),
-    ("finetune", finetune.run),
-    ("eval", evaluate.run),
-)
+RUNS = {name: importlib.import_module(BY_NAME[name].module).run for name in PIPELINE}
+"""The pipeline's stages, in stage_table's order."""
 
 
 @locked
@@ -28,7 +27,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     settings, run_dir = setup(cfg)
     manifest = Manifest(run_dir)
     results = {}
-    for name, stage in PIPELINE:
+    for name in PIPELINE:
         if name == "search" and settings.select.layers is not None:
             report.console.print("run: search skipped (select.layers is given)")
             continue
@@ -40,5 +39,5 @@ def run(cfg: DictConfig | Settings) -> dict:
         if completion.lost and not settings.force:
             report.warn(f"run: {name} runs again: {completion.reason}")
         report.console.rule(f"[bold]{name}")
-        results[name] = stage(settings)
+        results[name] = RUNS[name](settings)
     return results

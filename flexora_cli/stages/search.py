@@ -15,26 +15,18 @@ from omegaconf import DictConfig
 
 from flexora_cli import report
 from flexora_cli.data.batches import Batches, training_features
-from flexora_cli.data.datasets import carve_validation, load_split
+from flexora_cli.data.datasets import carve_validation, load_part, part_split
 from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
 from flexora_cli.manifest import Manifest
-from flexora_cli.method import (
-    LayerGates,
-    SearchResult,
-    SearchStep,
-    gated_lora_model,
-    noise_warning,
-    ranking,
-    search_optimizers,
-)
+from flexora_cli.method import LayerGates, SearchResult, build_search_step, noise_warning, ranking
 from flexora_cli.method.selection import positive_layers
 from flexora_cli.modeling import load_model, load_tokenizer, lora_params_per_layer
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
-from flexora_cli.stages import collator, locked, planted_layers, setup
-from flexora_cli.step import Readout, TrainStep, prefetched, seed_everything, trainable_parameters
+from flexora_cli.stages import locked, planted_layers, setup
+from flexora_cli.step import Readout, prefetched, seed_everything
 from flexora_cli.training import TrainingLoop
 
 
@@ -48,21 +40,13 @@ def run(cfg: DictConfig | Settings) -> SearchResult:
     check_hypergradient(settings, engine)
     seed_everything(settings.seed)
     tokenizer = load_tokenizer(settings.model)
-    train_batches, val_batches = search_batches(settings, tokenizer)
+    train_batches, val_batches, partition = search_batches(settings, tokenizer)
     base = load_model(settings.model, engine.device, engine.precision)
     params_per_layer = lora_params_per_layer(base, settings.model, settings.lora)
-    model, gates = gated_lora_model(base, settings)
-    lora = trainable_parameters(model.lm)
     total_steps = search.epochs * len(train_batches)
-    optimizer, schedule, alpha_optimizer = search_optimizers(lora, gates, search, total_steps)
-    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    collate = collator(settings, engine, model, tokenizer.pad_token_id, search.grad_accum)
-    model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
-    train_step = TrainStep(engine, model, "search", search.on_nonfinite)
-    one_step = SearchStep(train_step, (optimizer, schedule, alpha_optimizer), lora, gates, search)
-    stateful = {"optimizer": optimizer, "scheduler": schedule, "alpha_optimizer": alpha_optimizer}
-    stateful["hypergradient"] = one_step.hypergradient  # unrolled: the last K steps' states
-    loop = TrainingLoop("search", settings, run_dir, engine, train_step, trained, stateful)
+    built, gates = build_search_step(engine, base, settings, total_steps, tokenizer.pad_token_id)
+    model, train_step, collate = built.model, built.train_step, built.collate
+    loop = TrainingLoop("search", settings, run_dir, engine, train_step, built.trained, built.stateful)
 
     # -- train: a LoRA step on a training batch, then an α step on a validation batch -----------
     def on_log(step: int, readout: Readout) -> str:
@@ -76,10 +60,11 @@ def run(cfg: DictConfig | Settings) -> SearchResult:
     pairs = step_pairs(train_batches, val_batches, search.epochs, loop.step)
     steps = prefetched(pairs, lambda pair: (collate(pair[0]), collate(pair[1])), engine.device.type == "cuda")
     model.train()
-    loop.run(steps, total_steps, one_step, on_log, search.log_every, lambda pair, phase: pair[phase])
+    loop.run(steps, total_steps, built.one_step, on_log, search.log_every, lambda pair, phase: pair[phase])
 
     # -- save -----------------------------------------------------------------------------------
     result = search_result(gates, params_per_layer, settings, engine, loop, loop.seconds())
+    result.partition = partition
     write_outputs(settings, run_dir, engine, result)
     loop.finish([run_dir.alpha_json])
     return result
@@ -105,6 +90,7 @@ def search_result(
         hypergradient=search.hypergradient,
         unroll_steps=search.unroll_steps if search.hypergradient == "unrolled" else 0,
         steps=loop.step,
+        alpha_steps=max(0, loop.step - search.alpha_warmup_steps),
         seconds=round(seconds, 2),
         padding_waste=round(engine.padding_waste(), 4),
         num_processes=engine.num_processes,
@@ -144,25 +130,28 @@ def alpha_scalars(alpha: list[float]) -> dict[str, float]:
     return {f"alpha/layer_{i:02d}": a for i, a in enumerate(alpha)}
 
 
-def search_batches(settings: Settings, tokenizer) -> tuple[Batches, Batches]:
-    """The budget's training batches for LoRA steps, and a disjoint validation carve-out's
-    batches for α steps (seeded)."""
+def search_batches(settings: Settings, tokenizer) -> tuple[Batches, Batches, dict | None]:
+    """The budget's training batches for LoRA steps, a disjoint validation carve-out's batches
+    for α steps (seeded), both from the training part, and that part's partition record."""
     search = settings.search
-    examples = load_split(settings.dataset, settings.dataset.train_split)
+    part = load_part(settings.dataset, "train")
+    examples = part.examples
     if search.budget + search.val_samples > len(examples):
         raise ConfigError(
             f"search.budget={search.budget} + search.val_samples={search.val_samples} exceeds the "
-            f"{len(examples)} examples of {settings.dataset.name}[{settings.dataset.train_split}]; "
+            f"{len(examples)} examples of {settings.dataset.name}[{part_split(settings.dataset, 'train')}]; "
             f"lower search.budget or search.val_samples"
         )
     train_pool, val_examples = carve_validation(examples, search.val_samples, settings.seed)
 
-    def batches(subset: list, seed: int) -> Batches:
+    def batches(subset: list, batch_size: int, seed: int) -> Batches:
         prompts = model_prompts(subset, settings.dataset, settings.format, tokenizer, settings.model)
         features = training_features(tokenizer, prompts, settings.max_length)
-        return Batches(features, search.batch_size, seed, settings.group_by_length)
+        return Batches(features, batch_size, seed, settings.group_by_length)
 
-    return batches(train_pool[: search.budget], settings.seed), batches(val_examples, settings.seed + 1)
+    train = batches(train_pool[: search.budget], search.batch_size, settings.seed)
+    val = batches(val_examples, search.val_batch_size or search.batch_size, settings.seed + 1)
+    return train, val, part.record()
 
 
 def write_outputs(settings: Settings, run_dir: RunDir, engine: Engine, result: SearchResult) -> None:
@@ -174,7 +163,7 @@ def write_outputs(settings: Settings, run_dir: RunDir, engine: Engine, result: S
         run_dir.search_loss_png, lambda: report.plot_losses(result.history, ("train_loss", "val_loss"))
     )
     report.result(report.alpha_table(result.alpha, result.ranking, planted=planted_layers(settings)))
-    if warning := noise_warning(result.steps, result.alpha):
+    if warning := noise_warning(result.alpha_step_count, result.alpha):
         report.warn(f"search: {warning}")
     facts = [
         f"{result.steps} steps in {result.seconds:.0f}s on {engine.num_processes} process(es), "

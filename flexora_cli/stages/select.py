@@ -68,7 +68,7 @@ def print_selection(settings: Settings, run_dir, selection: Selection, searched:
             searched.alpha, selection.ranking, selection.layers, planted_layers(settings)
         )
         report.result(table)
-        if warning := noise_warning(searched.steps, searched.alpha):
+        if warning := noise_warning(searched.alpha_step_count, searched.alpha):
             report.warn(f"select: {warning}")
     share = selection.trainable_params / selection.all_layers_params
     facts = [

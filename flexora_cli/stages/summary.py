@@ -21,8 +21,9 @@ from flexora_cli.errors import ConfigError
 from flexora_cli.method import Selection
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import flatten
+from flexora_cli.stage_table import PIPELINE
 
-_LATEST_FIRST = ("eval", "finetune", "select", "search")
+_LATEST_FIRST = PIPELINE[::-1]  # the config of the latest stage that ran
 _NOT_A_SETTING = {"out_dir", "quiet", "print_json", "debug", "force", "demo_assets"}
 
 

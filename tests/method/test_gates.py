@@ -117,7 +117,8 @@ def adam_alpha_steps(center: bool, steps: int = 40) -> LayerGates:
         optimizer.zero_grad()
         loss.backward()
         grad = gates.alpha_hat.grad
-        assert abs(grad.sum().item()) < 1e-6 * grad.abs().sum().item()  # softmax's gradient sums to 0 ...
+        # softmax's gradient sums to 0 (up to float32 rounding: a few ulp of each term) ...
+        assert abs(grad.sum().item()) < 1e-5 * grad.abs().sum().item()
         optimizer.step()
         if center:
             before = gates.alphas().clone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,7 +244,7 @@ def test_export_merges_into_a_plain_model_that_predicts_alike(tiny_cfg, demo_dir
 def test_compare_writes_the_table_for_every_variant(tiny_cfg):
     from flexora_cli.stages import compare
 
-    cfg = tiny_cfg("compare.seeds=[7]")
+    cfg = tiny_cfg("compare.draws=[7]")
     results = compare.run(cfg)
     rows = {row["variant"]: row for row in results["rows"]}
     assert list(rows) == ["base", "flexora", "lora_all", "random_7"]
@@ -259,6 +260,33 @@ def test_compare_writes_the_table_for_every_variant(tiny_cfg):
     )
     again = compare.run(cfg)  # everything complete: reused, same numbers
     assert again["rows"] == results["rows"]
+
+
+def test_compare_over_seeds_with_top_k_summarises_each_variant(tiny_cfg):
+    """compare.seeds: every variant once per training seed, in seed_<s>/; the summary gives the mean
+    ± std over seeds, the selection's Jaccard stability, and pools the random draws."""
+    from flexora_cli.stages import compare
+
+    cfg = tiny_cfg("compare.seeds=[1,2]", "compare.draws=[1]", "compare.top_k=[1]", "finetune.epochs=0.25")
+    results = compare.run(cfg)
+    runs = [(row["seed"], row["variant"]) for row in results["rows"]]
+    assert runs == [(s, v) for s in (1, 2) for v in ("base", "flexora", "lora_all", "top_1", "random_1")]
+    by_run = {(row["seed"], row["variant"]): row for row in results["rows"]}
+    for seed in (1, 2):
+        ranking = json.loads((Path(cfg.out_dir) / f"seed_{seed}" / "select" / "selection.json").read_text())[
+            "ranking"
+        ]
+        assert by_run[seed, "top_1"]["layers"] == ranking[:1]
+        assert by_run[seed, "top_1"]["search_s"] == by_run[seed, "flexora"]["search_s"] is not None
+    summary = {row["variant"]: row for row in results["summary"]}
+    assert list(summary) == ["base", "flexora", "lora_all", "top_1", "random"]
+    flexora_accs = [by_run[s, "flexora"]["acc"] for s in (1, 2)]
+    assert summary["flexora"]["acc_mean"] == pytest.approx(sum(flexora_accs) / 2)
+    assert summary["flexora"]["acc_std"] == pytest.approx(abs(flexora_accs[0] - flexora_accs[1]) / 2**0.5)
+    sets = [set(by_run[s, "flexora"]["layers"]) for s in (1, 2)]
+    assert summary["flexora"]["jaccard"] == pytest.approx(len(sets[0] & sets[1]) / len(sets[0] | sets[1]))
+    assert summary["base"]["acc_std"] == 0 and summary["lora_all"]["jaccard"] is None
+    assert (Path(cfg.out_dir) / "compare" / "summary.md").read_text().count("\n") == 7
 
 
 def test_tensorboard_logs_and_no_plots(tiny_cfg):

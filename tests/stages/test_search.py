@@ -47,6 +47,7 @@ def test_interrupted_search_resumes_bit_identically(tiny_cfg, monkeypatch, varia
     assert resumed["alpha"] == reference.alpha and resumed["history"] == reference.history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_demo_search_ranks_planted_layers_first(demo_dir, tmp_path, variant):
     torch.manual_seed(0)
@@ -66,3 +67,23 @@ def test_unrolled_refuses_what_it_cannot_differentiate(tiny_cfg):
         load(tiny_cfg("search.hypergradient=second"))
     with pytest.raises(ConfigError, match="not with precision=fp16"):
         load(tiny_cfg("search.hypergradient=darts", "precision=fp16"))
+
+
+def test_alpha_warmup_sgd_and_validation_rows_per_alpha_step(tiny_cfg):
+    """search.alpha_warmup_steps: α̂ stays 0 through the LoRA-only steps, then moves;
+    alpha_optimizer=sgd: plain gradient steps (Σα̂ = 0); val_batch_size: rows per α step."""
+    cfg = tiny_cfg(
+        "search.alpha_warmup_steps=2",
+        "search.alpha_optimizer=sgd",
+        "search.alpha_lr=50",
+        "search.val_batch_size=4",
+        "search.log_every=1",
+    )
+    result = search.run(cfg)
+    assert (result.steps, result.alpha_steps) == (4, 2)
+    assert [all(a == 0 for a in h["alpha"]) for h in result.history] == [True, True, False, False]
+    assert all(abs(h["alpha_sum"]) < 1e-6 for h in result.history)
+    _, val, _ = search.search_batches(load(cfg), search.load_tokenizer(load(cfg).model))
+    assert {len(rows) for rows in val.epoch(0)} == {4}
+    with pytest.raises(ConfigError, match="search.alpha_optimizer: 'lbfgs' is not one of adam, sgd"):
+        load(tiny_cfg("search.alpha_optimizer=lbfgs"))

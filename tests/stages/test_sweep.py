@@ -57,7 +57,7 @@ def test_summary_of_a_folder_without_runs_is_one_clear_error(tmp_path, capsys):
 
 
 def test_compare_across_datasets_writes_one_table(tiny_cfg):
-    cfg = tiny_cfg("compare.seeds=[]", "compare.datasets=[demo,demo_piqa]", "eval.limit=20")
+    cfg = tiny_cfg("compare.draws=[]", "compare.datasets=[demo,demo_piqa]", "eval.limit=20")
     results = compare.run(cfg)
     assert results["datasets"] == ["demo", "demo_piqa"]
     assert [(r["dataset"], r["variant"]) for r in results["rows"]] == [
