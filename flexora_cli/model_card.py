@@ -6,6 +6,7 @@ so the manifest leaves it out of the adapter's verified files (manifest.fingerpr
 from __future__ import annotations
 
 from flexora_cli import report
+from flexora_cli.data.datasets import part_split
 from flexora_cli.method.results import SearchResult, Selection
 from flexora_cli.rundir import MODEL_CARD, RunDir, read_json
 from flexora_cli.settings import Settings
@@ -59,7 +60,7 @@ def _ranking(alpha: SearchResult | None, selection: Selection) -> str:
 def _training(settings: Settings, train_log: dict) -> str:
     chat = ", inside the tokenizer's chat template" if settings.model.chat_template else ""
     lines = [
-        f"- data: {settings.dataset.name} ({settings.dataset.train_split} split), "
+        f"- data: {settings.dataset.name} ({part_split(settings.dataset, 'train')} split), "
         f"{settings.format} prompts{chat}",
         f"- finetune: {settings.finetune.epochs:g} epoch(s), lr {settings.finetune.lr:g}, "
         f"batch {settings.finetune.batch_size}, seed {settings.seed}",

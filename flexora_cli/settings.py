@@ -235,7 +235,7 @@ class SearchSettings:
     alpha_lr: float = 0.01
     """Learning rate of the α optimizer (no schedule, as in the public code)."""
     alpha_optimizer: str = "adam"
-    """adam (the public code's; its per-coordinate steps make α̂ near-binary, ../FACTS) or sgd
+    """adam (the public code's; its per-coordinate steps make α̂ near-binary, docs/method.md) or sgd
     (plain gradient steps, which keep the paper's Proposition 1 and α̂'s magnitudes)."""
     alpha_warmup_steps: int = 0
     """LoRA steps before the first α step (the gates start learning once LoRA has moved off 0)."""

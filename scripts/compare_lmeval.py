@@ -81,16 +81,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    assets = demo.ensure_assets(Path(args.assets).expanduser())
     varied = Path(tempfile.mkdtemp(prefix="flexora-parity-"))
-    data_dirs = {
-        task: str(_vary(assets / folder, varied / folder, task, args.split))
-        for task, (folder, _) in TASKS.items()
-    }
-    data_dirs.update(dict(item.split("=", 1) for item in args.data))
-    model_dir = args.model or str(assets / "model")
-    if args.real:
-        data_dirs, model_dir = _real_rows(varied / "real", args.split), _smollm2_dir()
+    data_dirs, model_dir = _inputs(args, varied)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if args.random_llama:
         model = _random_llama(model_dir, args.random_llama)
@@ -116,6 +108,22 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
     differing = sum(r["differing_predictions"] + r.get("differing_correct_norm", 0) for r in results.values())
     raise SystemExit(1 if differing else 0)
+
+
+def _inputs(args, scratch: Path) -> tuple[dict[str, str], str]:
+    """(task → data folder, model folder): the demo's varied records and tiny model, or with --real
+    SmolLM2 on the real rows; --data and --model replace either."""
+    if args.real:
+        data_dirs, model_dir = _real_rows(scratch / "real", args.split), _smollm2_dir()
+    else:
+        assets = demo.ensure_assets(Path(args.assets).expanduser())
+        data_dirs = {
+            task: str(_vary(assets / folder, scratch / folder, task, args.split))
+            for task, (folder, _) in TASKS.items()
+        }
+        model_dir = str(assets / "model")
+    data_dirs.update(dict(item.split("=", 1) for item in args.data))
+    return data_dirs, args.model or model_dir
 
 
 def _vary(source: Path, target: Path, task: str, split: str) -> Path:

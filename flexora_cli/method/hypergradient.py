@@ -33,7 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from flexora_cli.errors import ConfigError
 from flexora_cli.method.gates import LayerGates
+from flexora_cli.settings import HYPERGRADIENTS
 from flexora_cli.step import Collated, MicroBatch, TrainStep
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6)
@@ -319,10 +321,13 @@ class DropoutOff:
 def make_hypergradient(
     kind: str, train_step: TrainStep, lora, gates: LayerGates, optimizer, model: nn.Module, search
 ) -> FirstOrder:
-    """The hypergradient `search.hypergradient` names, for the unwrapped search module `model`."""
+    """The hypergradient `search.hypergradient` names, for the unwrapped search module `model`;
+    a name settings did not check is an error, never a silent first-order search."""
     common = (train_step, lora, gates, optimizer, search.max_grad_norm)
+    if kind == "first_order":
+        return FirstOrder(*common)
     if kind == "darts":
         return Darts(*common)
     if kind == "unrolled":
         return Unrolled(*common, model, search.unroll_steps)
-    return FirstOrder(*common)
+    raise ConfigError(f"search.hypergradient: {kind!r} is not one of {', '.join(HYPERGRADIENTS)}")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from flexora_cli import report
 from flexora_cli.data.batches import Batches, training_features
-from flexora_cli.data.datasets import load_part
+from flexora_cli.data.datasets import Part, load_part
 from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
@@ -46,22 +46,18 @@ def run(cfg: DictConfig | Settings) -> dict:
     engine = Engine(settings)
     seed_everything(settings.seed)
 
-    part = load_part(settings.dataset, "train")
-    examples = part.examples[: settings.dataset.max_train_samples]
     tokenizer = load_tokenizer(settings.model)
-    prompts = model_prompts(examples, settings.dataset, settings.format, tokenizer, settings.model)
-    features = training_features(tokenizer, prompts, settings.max_length)
-    batches = Batches(features, spec.batch_size, settings.seed, settings.group_by_length)
+    part, batches = training_batches(settings, tokenizer)
 
     base = load_model(settings.model, engine.device, engine.precision)
     peft_model = attach_lora(base, settings.model, settings.lora, layers, settings.gradient_checkpointing)
     scratch = tempfile.TemporaryDirectory(prefix="flexora-")  # this process's, gone with it
     initial = _initial_adapter(peft_model, settings, engine, Path(scratch.name))
     total_steps = max(1, math.ceil(spec.epochs * len(batches)))
-    if (seen := batches.examples_in(total_steps)) < len(features):
+    if (seen := batches.examples_in(total_steps)) < len(batches.features):
         report.warn(
             f"finetune: finetune.epochs={spec.epochs} trains {total_steps} step(s) on {seen} of the "
-            f"{len(features)} training examples (less than one epoch)"
+            f"{len(batches.features)} training examples (less than one epoch)"
         )
     built = build_lora_step(engine, AnswerLM(peft_model), settings, total_steps, tokenizer.pad_token_id)
     model, lora_step, schedule = built.model, built.one_step, built.one_step.schedule
@@ -96,9 +92,7 @@ def run(cfg: DictConfig | Settings) -> dict:
         _save_adapter(engine.unwrap(model).lm, tmp, _lm_state(state), initial)
     this_run = time.time() - started  # tokens count this run only
     tokens_per_second = round(tokens / this_run, 1) if this_run else None
-    examples_seen = batches.examples_in(loop.step)
-    params = lora_step.params
-    result = finetune_result(layers, params, examples_seen, len(features), engine, loop, tokens_per_second)
+    result = finetune_result(layers, lora_step.params, batches, engine, loop, tokens_per_second)
     result["partition"] = part.record()
     write_outputs(run_dir, engine, result)
     write_model_card(run_dir, settings, "finetune")
@@ -106,11 +100,19 @@ def run(cfg: DictConfig | Settings) -> dict:
     return result
 
 
+def training_batches(settings: Settings, tokenizer) -> tuple[Part, Batches]:
+    """The training part (capped by dataset.max_train_samples) as seeded global batches."""
+    part = load_part(settings.dataset, "train")
+    examples = part.examples[: settings.dataset.max_train_samples]
+    prompts = model_prompts(examples, settings.dataset, settings.format, tokenizer, settings.model)
+    features = training_features(tokenizer, prompts, settings.max_length)
+    return part, Batches(features, settings.finetune.batch_size, settings.seed, settings.group_by_length)
+
+
 def finetune_result(
     layers: list[int],
     params: list,
-    examples_seen: int,
-    dataset_examples: int,
+    batches: Batches,
     engine: Engine,
     loop: TrainingLoop,
     tokens_per_second: float | None,
@@ -120,8 +122,8 @@ def finetune_result(
         "layers": layers,
         "trainable_params": sum(p.numel() for p in params),
         "steps": loop.step,
-        "examples": examples_seen,
-        "dataset_examples": dataset_examples,
+        "examples": batches.examples_in(loop.step),
+        "dataset_examples": len(batches.features),
         "seconds": round(loop.seconds(), 2),
         "tokens_per_second": tokens_per_second,
         "padding_waste": round(engine.padding_waste(), 4),

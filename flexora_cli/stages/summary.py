@@ -19,7 +19,7 @@ from rich.table import Table
 from flexora_cli import report
 from flexora_cli.errors import ConfigError
 from flexora_cli.method import Selection
-from flexora_cli.rundir import RunDir
+from flexora_cli.rundir import RunDir, read_json
 from flexora_cli.settings import flatten
 from flexora_cli.stage_table import PIPELINE
 
@@ -65,10 +65,10 @@ def _row(root: Path, run_dir: Path) -> dict:
     settings = flatten(yaml.safe_load(config.read_text())) if config else {}
     row: dict = {"run": str(run_dir.relative_to(root)) or ".", "settings": settings}
     if paths.selection_json.exists():
-        selection = Selection.from_json(json.loads(paths.selection_json.read_text()), paths.selection_json)
+        selection = Selection.read(paths.selection_json, "select", "summary")  # damaged: one line
         row.update(layers=selection.layers, trainable_params=selection.trainable_params)
     if paths.metrics_json.exists():
-        for dataset, variants in json.loads(paths.metrics_json.read_text())["results"].items():
+        for dataset, variants in read_json(paths.metrics_json, "eval", "summary")["results"].items():
             for variant, scores in variants.items():
                 row[f"{dataset}/{variant}"] = f"{scores['acc']:.4f} ± {scores['acc_stderr']:.4f}"
     return row

@@ -151,3 +151,4 @@ def test_the_stages_record_the_partition(tiny_cfg, tmp_path):
     metrics = json.loads((out.root / "eval" / "metrics.json").read_text())
     assert metrics["partitions"]["piqa"] == record and metrics["splits"]["piqa"] == "validation:test"
     assert metrics["results"]["piqa"]["adapter"]["n"] == 40
+    assert "piqa (validation:train split)" in (out.adapter_dir / "README.md").read_text()  # the model card

@@ -206,3 +206,12 @@ def test_replayed_dropout_keeps_unrolled_exact(float64_llama, tmp_path):
             values.append(setup.val_loss_after(setup.start_alpha + sign * step, 1))
         differences[i] = (values[0] - values[1]) / 2e-5
     assert relative_error(exact, differences) <= 1e-6
+
+
+def test_an_unknown_hypergradient_is_an_error_not_a_first_order_search():
+    from flexora_cli.errors import ConfigError
+    from flexora_cli.method.hypergradient import make_hypergradient
+    from flexora_cli.settings import SearchSettings
+
+    with pytest.raises(ConfigError, match="search.hypergradient: 'second' is not one of first_order, darts"):
+        make_hypergradient("second", None, [], None, None, None, SearchSettings())
