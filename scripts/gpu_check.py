@@ -158,8 +158,8 @@ def run_search(args, settings, engine, base) -> dict:
         return pinned(engine, built.collate(train[rows])), pinned(engine, built.collate(val[rows]))
 
     built.model.train()
-    one_step = poisoned(built.one_step, base, args.nonfinite_at)
-    result = train_loop(args, engine, built.train_step, built.model, one_step, batch, steps, phases=2)
+    with poisoned(built.one_step, base, args.nonfinite_at) as one_step:
+        result = train_loop(args, engine, built.train_step, built.model, one_step, batch, steps, phases=2)
     result |= {
         "alpha_hat": [round(a, 5) for a in gates.alpha_hat.tolist()],
         "model": engine.unwrap(built.model),
@@ -182,24 +182,32 @@ def run_finetune(args, settings, engine, searched) -> dict:
         return pinned(engine, built.collate(rows[(step - 1) * args.batch_size : step * args.batch_size]))
 
     built.model.train()
-    one_step = poisoned(built.one_step, base, args.nonfinite_at)
-    return train_loop(args, engine, built.train_step, built.model, one_step, batch, steps, phases=1)
+    with poisoned(built.one_step, base, args.nonfinite_at) as one_step:
+        return train_loop(args, engine, built.train_step, built.model, one_step, batch, steps, phases=1)
 
 
+@contextlib.contextmanager
 def poisoned(one_step, base, at: int):
     """--nonfinite-at: from step `at` on, the first decoder layer's output is NaN, so the run takes
-    the non-finite path (the guard's readout, the replay naming the module, the stop)."""
+    the non-finite path (the guard's readout, the replay naming the module, the stop). The hook
+    goes with the block: the finetune part reuses the search's base."""
     if not at:
-        return one_step
+        yield one_step
+        return
     poisoning = []
-    base.model.layers[0].register_forward_hook(lambda _m, _i, out: out * math.nan if poisoning else out)
+    hook = base.model.layers[0].register_forward_hook(
+        lambda _m, _i, out: out * math.nan if poisoning else out
+    )
 
     def step_then_poison(step: int, batch) -> None:
         if step == at:
             poisoning.append(True)
         one_step(step, batch)
 
-    return step_then_poison
+    try:
+        yield step_then_poison
+    finally:
+        hook.remove()
 
 
 def train_loop(args, engine, train_step, model, one_step, batch, steps: int, phases: int) -> dict:
