@@ -85,3 +85,9 @@ def inject_fault(stage: str, step: int, process_index: int) -> None:
         raise TrainingError(
             f"{stage}: injected fault at step {step} on process {process_index} (FLEXORA_FAULT)"
         )
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flexora_cli.errors import ConfigError
+from flexora_cli.errors import ConfigError, first_line
 
 LABEL_FORMATS = ("index", "number", "letter", "text")
 EVALUATORS = ("flexora", "lm_eval")
@@ -659,11 +659,11 @@ def load(cfg: DictConfig | Settings) -> Settings:
         except OmegaConfBaseException as exc:
             resolving = "raised while resolving interpolation: "
             if resolving in str(exc):  # a resolver's own message (e.g. package_dir) says the fix
-                raise ConfigError(_first_line(exc).split(resolving, 1)[1]) from exc
+                raise ConfigError(first_line(exc).split(resolving, 1)[1]) from exc
             key = getattr(exc, "full_key", None)
-            where = f"{key}: " if key and key not in _first_line(exc) else ""
+            where = f"{key}: " if key and key not in first_line(exc) else ""
             raise ConfigError(
-                f"{where}{_first_line(exc)} (check the spelling and type of the override)"
+                f"{where}{first_line(exc)} (check the spelling and type of the override)"
             ) from exc
     _plain_lists(settings)
     if isinstance(settings.eval.batch_size, str) and settings.eval.batch_size.isdigit():
@@ -731,7 +731,7 @@ def dataset_preset(name: str, demo_assets: str | None = None, **changes: Any) ->
         spec.columns.choices = _plain_list(spec.columns.choices)
         return spec
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {_first_line(exc)}") from exc
+        raise ConfigError(f"{path}: {first_line(exc)}") from exc
 
 
 def _with_defaults(path: Path) -> DictConfig:
@@ -748,7 +748,3 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): node}
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

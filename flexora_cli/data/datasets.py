@@ -17,7 +17,7 @@ from pathlib import Path
 
 from flexora_cli.data.partition import PartitionRecord, cut
 from flexora_cli.data.templates import TemplateError, is_template, render
-from flexora_cli.errors import DataError
+from flexora_cli.errors import DataError, first_line
 from flexora_cli.settings import ColumnSettings, DatasetSettings
 
 LETTERS = "ABCDEFGH"
@@ -238,7 +238,7 @@ def _saved_rows(folder: Path, split: str) -> Iterable[tuple[str, object]]:
         saved = datasets.load_from_disk(str(folder))
     except Exception as exc:  # datasets and pyarrow raise many types; all mean "cannot read it"
         raise DataError(
-            f"{folder}: not a readable datasets.save_to_disk folder ({_first_line(exc)[:160]}); "
+            f"{folder}: not a readable datasets.save_to_disk folder ({first_line(exc)[:160]}); "
             "save it again with save_to_disk, or point dataset.data_dir at another folder"
         ) from exc
     if isinstance(saved, datasets.DatasetDict):
@@ -254,11 +254,6 @@ def _saved_rows(folder: Path, split: str) -> Iterable[tuple[str, object]]:
             f"parts from one with dataset.partition.split={available[0]}"
         )
     return ((f"{folder}[{split}] row {index}", dict(row)) for index, row in enumerate(rows, start=1))
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def split_file(spec: DatasetSettings, split: str) -> Path:
