@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flexora_cli import report
 from flexora_cli.errors import ConfigError
-from flexora_cli.modeling import resolve_device, resolve_precision
+from flexora_cli.modeling import emulates_bf16, resolve_device, resolve_precision
 from flexora_cli.settings import Settings, flatten
 
 _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -56,11 +57,17 @@ class PaddingMeter:
 class Engine:
     """accelerate's Accelerator plus what the stages ask of it: device, processes, steps."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, precision: str | None = None):
+        """`precision`: instead of settings.precision (eval's own, eval.precision)."""
         from accelerate import Accelerator
 
         wanted = resolve_device(settings.device)
-        self.precision = resolve_precision(settings.precision, wanted)
+        self.precision = resolve_precision(precision or settings.precision, wanted)
+        if emulates_bf16(wanted, self.precision):
+            report.warn(
+                "precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
+                "slower than fp32; add precision=fp32"
+            )
         self.tracker = resolve_tracker(settings.tracker)
         try:
             self.accelerator = Accelerator(

@@ -45,6 +45,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def emulates_bf16(device: torch.device, precision: str) -> bool:
+    """True for bf16 on a CPU without native bf16 dot products (AVX512-BF16 or AMX): there
+    oneDNN emulates it, slower than fp32. Where they exist, bf16 trains SmolLM2 1.9x faster than
+    fp32 (docs/benchmarks.md)."""
+    return precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_dtype(spec: ModelSettings, device: torch.device, precision: str) -> torch.dtype:
     """The frozen base's dtype: model.dtype, or (auto) the dtype of the resolved `precision`."""
     if spec.dtype == "auto":

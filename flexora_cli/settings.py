@@ -325,6 +325,10 @@ class EvalSettings:
     """Score only the first N examples of each dataset (lm-eval's --limit); None: all."""
     share_prefix: bool | None = None
     """Compute the context shared by the choices once (None: wherever the architecture allows)."""
+    precision: str | None = None
+    """Precision to score with (fp32, bf16, fp16 or auto); None: the run's `precision`. The
+    real-data recipes train in bf16 and score in fp32, where predictions match lm-eval's (bf16
+    scoring changed 1-4 of 100 HellaSwag predictions, docs/method.md)."""
     evaluator: str = "flexora"
     """flexora (the built-in scorer: the run's prompt format on eval.datasets, fast) or lm_eval
     (lm-evaluation-harness's `simple_evaluate` on eval.tasks, with the same base model and
@@ -551,6 +555,10 @@ class Settings:
         check(
             self.precision in PRECISIONS,
             f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}",
+        )
+        check(
+            self.eval.precision is None or self.eval.precision in PRECISIONS,
+            f"eval.precision: {self.eval.precision!r} is not one of {', '.join(PRECISIONS)}",
         )
         check(self.tracker in TRACKERS, f"tracker: {self.tracker!r} is not one of {', '.join(TRACKERS)}")
         check(self.device in DEVICES, f"device: {self.device!r} is not one of {', '.join(DEVICES)}")

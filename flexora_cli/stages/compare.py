@@ -55,16 +55,20 @@ def _compare_dataset(settings: Settings) -> list[RunRow]:
     if seeds is None:
         return _compare_seed(settings, None)
     rows = []
-    for seed in seeds:
+    for index, seed in enumerate(seeds):
         seeded = copy.deepcopy(settings)
         seeded.seed = seed
         seeded.out_dir = str(RunDir(settings.out_dir).root / f"seed_{seed}")
+        # The base does not depend on the training seed (same weights, same test rows): the
+        # first seed's run scores it, and it is one row of the table.
+        seeded.eval.include_base = index == 0
         rows += _compare_seed(seeded, seed)
     return rows
 
 
 def _compare_seed(settings: Settings, seed: int | None) -> list[RunRow]:
-    """Run (or reuse) every variant with one training seed; its rows (the base's first)."""
+    """Run (or reuse) every variant with one training seed; its rows (the base's first, when
+    this seed's Flexora run scores it)."""
     # -- setup: the Flexora run first, since the other variants draw on its selection ----------
     run_dir = RunDir(settings.out_dir)
     settings.select.layers = None  # the Flexora variant selects from its own search
@@ -81,7 +85,8 @@ def _compare_seed(settings: Settings, seed: int | None) -> list[RunRow]:
 
     # -- collect ------------------------------------------------------------------------------
     search_s = SearchResult.read(run_dir.alpha_json, "search", "compare").seconds
-    rows = [_row("base", run_dir, settings, seed, None, base=True)]
+    base = settings.eval.include_base
+    rows = [_row("base", run_dir, settings, None, None, base=True)] if base else []
     for name, variant in variants.items():
         searched = name == "flexora" or name.startswith("top_")  # their layers need the search
         rows.append(_row(name, RunDir(variant.out_dir), variant, seed, search_s if searched else None))

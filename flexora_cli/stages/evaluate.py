@@ -47,7 +47,7 @@ def run(cfg: DictConfig | Settings) -> dict:
             f"this one goes to {run_dir.root / key}"
         )
     lm_eval = settings.eval.evaluator == "lm_eval"
-    engine = Engine(settings)
+    engine = Engine(settings, settings.eval.precision)
     lm_eval_tasks = lm_evaluator.task_manager(settings, engine.num_processes) if lm_eval else None
     evaluator = f"lm-eval {lm_evaluator.version()}" if lm_eval else "flexora"
     eval_format = None if lm_eval else settings.eval.format or settings.format
