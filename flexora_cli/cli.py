@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from flexora_cli import __version__
+from flexora_cli.config import recipes_dir
 from flexora_cli.errors import ConfigError, FlexoraError
-from flexora_cli.settings import recipes_dir
 from flexora_cli.stage_table import BY_NAME
 
 # Hydra flags that point at other config sources (they take a value).
@@ -148,15 +148,13 @@ def sweep_samples(overrides: list[str]) -> list[list[str]]:
 def precheck(overrides: list[str]) -> None:
     """Compose and validate the config once; any problem becomes a ConfigError."""
     import yaml
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from flexora_cli.settings import load
+    from flexora_cli.config import compose, load
 
     try:
-        with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose(overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_hydra_message(exc, overrides)) from exc
     except yaml.YAMLError as exc:

@@ -57,12 +57,15 @@ class PaddingMeter:
 class Engine:
     """accelerate's Accelerator plus what the stages ask of it: device, processes, steps."""
 
-    def __init__(self, settings: Settings, precision: str | None = None):
-        """`precision`: instead of settings.precision (eval's own, eval.precision)."""
+    def __init__(self, settings: Settings, scoring_precision: str | None = None):
+        """`scoring_precision` (eval.precision): an engine that scores in that precision, which is
+        the weights' dtype alone, as scoring autocasts nothing; accelerate's process-wide mixed
+        precision is left as this process has it, so `flexora run` can train in bf16 and score
+        in fp32 in one process."""
         from accelerate import Accelerator
 
         wanted = resolve_device(settings.device)
-        self.precision = resolve_precision(precision or settings.precision, wanted)
+        self.precision = resolve_precision(scoring_precision or settings.precision, wanted)
         if emulates_bf16(wanted, self.precision):
             report.warn(
                 "precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
@@ -71,7 +74,7 @@ class Engine:
         self.tracker = resolve_tracker(settings.tracker)
         try:
             self.accelerator = Accelerator(
-                mixed_precision=_ACCELERATE_PRECISION[self.precision],
+                mixed_precision=None if scoring_precision else _ACCELERATE_PRECISION[self.precision],
                 cpu=wanted.type == "cpu",
                 log_with=self.tracker,
                 project_dir=str(Path(settings.out_dir) / "logs"),

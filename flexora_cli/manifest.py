@@ -280,7 +280,7 @@ class Manifest:
         """The stage's settings from its config.yaml (outputs made before records, or by hand)."""
         from omegaconf import OmegaConf
 
-        from flexora_cli.settings import load
+        from flexora_cli.config import load
 
         path = self.run_dir.stage_dir(stage) / "config.yaml"
         return stage_settings(stage, load(OmegaConf.load(path))) if path.exists() else None

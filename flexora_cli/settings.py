@@ -1,20 +1,15 @@
-"""Typed settings for every stage, built from the composed Hydra config.
+"""Typed settings for every stage: one dataclass per section, each checking its own fields.
 
 The YAML files under recipes/ hold the values; these dataclasses hold the names, types and meaning.
-`load(cfg)` merges a config onto the schema (unknown keys and wrong types fail there) and then
-`validate()` checks every cross-field rule at once, so a user sees all problems in one message.
+Each section's `problems()` lists what is wrong with its own fields as `key: problem (fix)` lines;
+`Settings.validate()` adds the few rules that cross sections, so a user sees every problem in one
+message. Composing recipes into these, and the method's own rules, are config.py's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from flexora_cli.errors import ConfigError, first_line
 
 LABEL_FORMATS = ("index", "number", "letter", "text")
 EVALUATORS = ("flexora", "lm_eval")
@@ -28,9 +23,28 @@ TRACKERS = ("auto", "none", "tensorboard", "wandb")
 ON_NONFINITE = ("error", "skip")
 LORA_VARIANTS = ("lora", "dora", "rslora")
 LORA_INITS = ("default", "pissa", "olora")
-HYPERGRADIENTS = ("first_order", "darts", "unrolled")
 ALPHA_OPTIMIZERS = ("adam", "sgd")
 DEMO_TASKS = ("tiny", "smollm2")
+
+
+def one_of(key: str, value: Any, allowed: tuple) -> list[str]:
+    """No problem when `value` is one of `allowed`; else the one line that lists them."""
+    return [] if value in allowed else [f"{key}: {value!r} is not one of {', '.join(allowed)}"]
+
+
+def positive(section: str, owner: Any, *keys: str) -> list[str]:
+    """A problem for each of `keys` whose value in `owner` (the `section`; "" for the root) is not > 0."""
+    prefix = f"{section}." if section else ""
+    return [f"{prefix}{k}: must be > 0, got {getattr(owner, k)}" for k in keys if not getattr(owner, k) > 0]
+
+
+def clip_norms(section: str, owner: Any, *keys: str) -> list[str]:
+    """A problem for each gradient-clipping norm of `keys` below 0."""
+    return [
+        f"{section}.{k}: must be >= 0 (0 turns clipping off), got {getattr(owner, k)}"
+        for k in keys
+        if getattr(owner, k) < 0
+    ]
 
 
 @dataclass
@@ -67,6 +81,15 @@ class ModelSettings:
     """Attention kernel (transformers' attn_implementation: eager, sdpa, flash_attention_2);
     None: transformers' default. search.hypergradient=unrolled needs eager (double backward)."""
 
+    def problems(self) -> list[str]:
+        problems = one_of("model.dtype", self.dtype, DTYPES)
+        problems += one_of("model.quantization", self.quantization, QUANTIZATIONS)
+        if not self.target_modules:
+            problems.append("model.target_modules: empty; name at least one linear module")
+        if not self.layers_path:
+            problems.append("model.layers_path: empty; give the attribute path of the layer list")
+        return problems
+
 
 @dataclass
 class ColumnSettings:
@@ -85,6 +108,18 @@ class ColumnSettings:
     """index (0-based: 0, 1, …), number (1-based), letter (A, B, …) or text (equal to one choice)."""
     num_choices: int | None = None
     """Choices every row must have; None: as many as the first row has."""
+
+    def problems(self) -> list[str]:
+        problems = one_of("dataset.columns.label_format", self.label_format, LABEL_FORMATS)
+        choices = self.choices
+        if not (isinstance(choices, str) or (isinstance(choices, list) and len(choices) >= 2)):
+            problems.append(
+                f"dataset.columns.choices: expected a list column's name or a list of at least two "
+                f"columns, got {choices!r}"
+            )
+        if self.num_choices is not None and self.num_choices < 2:
+            problems.append(f"dataset.columns.num_choices: must be >= 2, got {self.num_choices}")
+        return problems
 
 
 @dataclass
@@ -188,6 +223,15 @@ class DatasetSettings:
     """Cap on training examples for finetune (None: all)."""
     partition: PartitionSettings = field(default_factory=PartitionSettings)
 
+    def problems(self) -> list[str]:
+        problems = one_of("dataset.race_grouping", self.race_grouping, ("question", "article"))
+        if not any((self.data_files, self.data_dir, self.hub_id)):
+            problems.append(
+                "dataset: no data_files, data_dir or hub_id is set; set dataset.data_dir=DIR, "
+                "dataset.data_files={train: FILE, validation: FILE} or dataset.hub_id=ID"
+            )
+        return problems + self.columns.problems() + self.partition.problems()
+
 
 @dataclass
 class LoraSettings:
@@ -211,27 +255,64 @@ class LoraSettings:
     the unmodified base. The search always gates default-initialised LoRA: a PiSSA adapter holds
     part of the base weight, so a gate on it would scale the base model too."""
 
+    def problems(self) -> list[str]:
+        problems = positive("lora", self, "r")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        problems += one_of("lora.variant", self.variant, LORA_VARIANTS)
+        unknown_init = one_of("lora.init", self.init, LORA_INITS)
+        problems += unknown_init
+        if not unknown_init and self.init != "default" and self.variant == "dora":
+            problems.append(
+                f"lora.init={self.init}: not with lora.variant=dora (peft cannot convert a DoRA adapter "
+                "that moved weight out of the base back to the base); use lora.variant=lora or rslora"
+            )
+        return problems
+
 
 @dataclass
-class SearchSettings:
+class StepSettings:
+    """What the search and finetune steps share: the global batch, the LoRA AdamW and its
+    schedule, clipping, the non-finite rule and the log interval (each section its own values)."""
+
+    batch_size: int = 8
+    """Examples per step, over all processes together (a global batch); in the search, per LoRA
+    step and (unless search.val_batch_size) per α step."""
+    grad_accum: int = 1
+    """Micro-batches each process splits its share of a step into (same step, less memory)."""
+    lr: float = 1e-4
+    """LoRA learning rate (AdamW, after a linear warmup)."""
+    weight_decay: float = 0.0
+    """LoRA AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent in linear warmup."""
+    max_grad_norm: float = 1.0
+    """Clip the LoRA gradients' global norm to this (as HF Trainer and the public code); 0: off."""
+    on_nonfinite: str = "error"
+    """A non-finite loss or gradient is never applied. error: stop the stage naming the step,
+    phase and first non-finite module (resumable from the last checkpoint); skip: skip such
+    steps and count them in the stage's record."""
+    log_every: int = 10
+    """Record losses in the history every this many steps (the only steps that wait for the GPU)."""
+
+    def step_problems(self, section: str) -> list[str]:
+        """The shared fields' problems, named under `section` (search or finetune)."""
+        problems = positive(section, self, "batch_size", "grad_accum", "lr", "log_every")
+        problems += clip_norms(section, self, "max_grad_norm")
+        return problems + one_of(f"{section}.on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+
+
+@dataclass
+class SearchSettings(StepSettings):
     """Stage 2: fit one gate per layer by alternating LoRA and α steps."""
 
+    batch_size: int = 4
     budget: int = 1000
     """Number of training samples the search's LoRA steps see (per epoch)."""
     val_samples: int = 200
     """Samples carved from the training split (fixed seed, disjoint) for the α steps."""
     epochs: int = 1
     """Passes over the budget."""
-    batch_size: int = 4
-    """Examples per LoRA step and per α step, over all processes together (a global batch)."""
-    grad_accum: int = 1
-    """Micro-batches each process splits its share of a step into (same step, less memory)."""
-    lr: float = 1e-4
-    """LoRA learning rate (AdamW, cosine schedule with warmup)."""
-    weight_decay: float = 0.0
-    """LoRA AdamW weight decay."""
-    warmup_ratio: float = 0.03
-    """Fraction of steps spent in linear warmup."""
     alpha_lr: float = 0.01
     """Learning rate of the α optimizer (no schedule, as in the public code)."""
     alpha_optimizer: str = "adam"
@@ -241,24 +322,31 @@ class SearchSettings:
     """LoRA steps before the first α step (the gates start learning once LoRA has moved off 0)."""
     val_batch_size: int | None = None
     """Validation rows per α step (the public code: 8); None: search.batch_size."""
-    max_grad_norm: float = 1.0
-    """Clip the LoRA gradients' global norm to this (as HF Trainer and the public code); 0: off."""
     alpha_max_grad_norm: float = 0.0
     """Clip α̂'s gradient norm in the α step to this; 0: off (Adam's steps barely depend on it)."""
     hypergradient: str = "first_order"
-    """α̂'s gradient (docs/method.md): first_order (the direct gradient of the validation loss,
-    K = 0 of the paper's unrolled differentiation, as the authors' code), darts (+ the last LoRA
-    step's effect, by a finite difference: 2 extra passes per step) or unrolled (exact, through
-    the last `unroll_steps` LoRA steps; eager attention, one process)."""
+    """α̂'s gradient (docs/method.md; names and rules in method/hypergradient.py): first_order (the
+    direct gradient of the validation loss, K = 0 of the paper's unrolled differentiation, as the
+    authors' code), darts (+ the last LoRA step's effect, by a finite difference: 2 extra passes
+    per step) or unrolled (exact, through the last `unroll_steps` LoRA steps; eager attention,
+    one process)."""
     unroll_steps: int = 1
     """K for hypergradient=unrolled: LoRA steps differentiated through (memory grows with K)."""
-    on_nonfinite: str = "error"
-    """A non-finite loss or gradient is never applied. error: stop the stage naming the step,
-    phase and first non-finite module (resumable from the last checkpoint); skip: skip such
-    steps and count them in alpha.json."""
-    log_every: int = 10
-    """Record losses and α in the history every this many steps (the only steps that wait for
-    the GPU)."""
+
+    def problems(self) -> list[str]:
+        problems = positive("search", self, "budget", "val_samples", "epochs")
+        problems += self.step_problems("search")
+        problems += positive("search", self, "alpha_lr")
+        problems += one_of("search.alpha_optimizer", self.alpha_optimizer, ALPHA_OPTIMIZERS)
+        if self.alpha_warmup_steps < 0:
+            problems.append(f"search.alpha_warmup_steps: must be >= 0, got {self.alpha_warmup_steps}")
+        if self.val_batch_size is not None and self.val_batch_size <= 0:
+            problems.append(
+                f"search.val_batch_size: must be > 0 (or null: search.batch_size), got {self.val_batch_size}"
+            )
+        if self.unroll_steps < 0:
+            problems.append(f"search.unroll_steps: must be >= 0, got {self.unroll_steps}")
+        return problems + clip_norms("search", self, "alpha_max_grad_norm")
 
 
 @dataclass
@@ -277,32 +365,42 @@ class SelectSettings:
     """peft: also print the selection as a PEFT LoraConfig and an axolotl config snippet
     (`flexora select print=peft`), to train it elsewhere. Not part of the result."""
 
+    def problems(self) -> list[str]:
+        problems = one_of("select.rule", self.rule, SELECT_RULES)
+        problems += one_of("select.print", self.print, ("none", "peft"))
+        if self.layers is None:
+            if self.rule == "top_k" and not (self.k is not None and self.k > 0):
+                problems.append(f"select.k: rule=top_k needs k > 0, got {self.k}")
+            if self.rule == "budget" and not (self.max_params is not None and self.max_params > 0):
+                problems.append(f"select.max_params: rule=budget needs max_params > 0, got {self.max_params}")
+        return problems + self._layer_problems()
+
+    def _layer_problems(self) -> list[str]:
+        layers = self.layers
+        if layers is None or layers == "all":
+            return []
+        if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+            return [f"select.layers: expected a list of layer indices or 'all', got {layers!r}"]
+        if not layers:
+            return ["select.layers: empty list; name at least one layer or use 'all'"]
+        if len(set(layers)) != len(layers):
+            return [f"select.layers: duplicate indices in {layers}; list each layer once"]
+        if min(layers) < 0:
+            return [f"select.layers: negative index in {layers}; layers count from 0"]
+        return []
+
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(StepSettings):
     """Stage 4a: fresh LoRA on the selected layers only."""
 
     epochs: float = 3.0
     """Passes over the training split (fractions allowed)."""
-    batch_size: int = 8
-    """Examples per optimizer step, over all processes together (a global batch)."""
-    grad_accum: int = 1
-    """Micro-batches each process splits its share of a step into (same step, less memory)."""
-    lr: float = 1e-4
-    """AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
     scheduler: str = "cosine"
     """transformers scheduler name (cosine, linear, constant_with_warmup, ...)."""
-    warmup_ratio: float = 0.03
-    """Fraction of steps spent in linear warmup."""
-    max_grad_norm: float = 1.0
-    """Clip the LoRA gradients' global norm to this (as HF Trainer); 0: off."""
-    on_nonfinite: str = "error"
-    """error: stop at a non-finite loss or gradient (never applied); skip: skip and count such
-    steps in train_log.json."""
-    log_every: int = 10
-    """Record the training loss every this many steps (the only steps that wait for the GPU)."""
+
+    def problems(self) -> list[str]:
+        return positive("finetune", self, "epochs") + self.step_problems("finetune")
 
 
 @dataclass
@@ -339,6 +437,38 @@ class EvalSettings:
     """A folder of your own lm-eval task YAMLs (lm_eval --include_path), e.g. a task on local files."""
     num_fewshot: int | None = None
     """evaluator=lm_eval: few-shot examples per prompt; None: each task's default."""
+
+    def problems(self) -> list[str]:
+        batch = self.batch_size
+        problems = []
+        if not (batch == "auto" or (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0)):
+            problems.append(f"eval.batch_size: must be a positive integer or auto, got {batch!r}")
+        if self.format is not None:
+            problems += one_of("eval.format", self.format, FORMATS)
+        if self.limit is not None and self.limit <= 0:
+            problems.append(f"eval.limit: must be > 0, got {self.limit}")
+        problems += self._evaluator_problems()
+        if self.datasets is not None and not self.datasets:
+            problems.append("eval.datasets: empty list; name at least one dataset config or leave it unset")
+        if self.precision is not None:
+            problems += one_of("eval.precision", self.precision, PRECISIONS)
+        return problems
+
+    def _evaluator_problems(self) -> list[str]:
+        if self.evaluator not in EVALUATORS:
+            return one_of("eval.evaluator", self.evaluator, EVALUATORS)
+        if self.evaluator == "lm_eval":
+            return (
+                []
+                if self.tasks
+                else ["eval.tasks: evaluator=lm_eval needs tasks=[TASK,...] (lm-eval task names)"]
+            )
+        lm_eval_only = [
+            key for key in ("tasks", "include_path", "num_fewshot") if getattr(self, key) is not None
+        ]
+        return [
+            f"eval.{key}: only with eval.evaluator=lm_eval (add evaluator=lm_eval)" for key in lm_eval_only
+        ]
 
 
 @dataclass
@@ -440,315 +570,31 @@ class Settings:
     """Checkpoints kept per stage (the newest); removed when the stage completes."""
 
     def validate(self) -> list[str]:
-        """Every problem with these settings, as `key: problem (fix)` lines."""
-        problems: list[str] = []
+        """Every problem with these settings: each section's own, then the root's fields and the
+        rules that cross sections, as `key: problem (fix)` lines."""
+        sections = (self.model, self.dataset, self.lora, self.search, self.select, self.finetune, self.eval)
+        problems = [problem for section in (*sections, self.compare) for problem in section.problems()]
+        problems += one_of("precision", self.precision, PRECISIONS)
+        problems += one_of("tracker", self.tracker, TRACKERS)
+        problems += one_of("device", self.device, DEVICES)
+        problems += one_of("format", self.format, FORMATS)
+        problems += one_of("demo_task", self.demo_task, DEMO_TASKS)
+        if self.max_length <= 8:
+            problems.append(f"max_length: must be > 8, got {self.max_length}")
+        if self.pack_tokens < 0:
+            problems.append(f"pack_tokens: must be >= 0, got {self.pack_tokens}")
+        problems += positive("", self, "pad_to_multiple_of", "checkpoint_every", "keep_checkpoints")
+        return problems + self._across_sections()
 
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                problems.append(message)
-
-        check(
-            self.model.dtype in DTYPES, f"model.dtype: {self.model.dtype!r} is not one of {', '.join(DTYPES)}"
-        )
-        check(
-            self.model.quantization in QUANTIZATIONS,
-            f"model.quantization: {self.model.quantization!r} is not one of {', '.join(QUANTIZATIONS)}",
-        )
-        check(bool(self.model.target_modules), "model.target_modules: empty; name at least one linear module")
-        check(
-            bool(self.model.layers_path),
-            "model.layers_path: empty; give the attribute path of the layer list",
-        )
-        check(
-            self.dataset.race_grouping in ("question", "article"),
-            f"dataset.race_grouping: {self.dataset.race_grouping!r} is not one of question, article",
-        )
-        check(
-            any((self.dataset.data_files, self.dataset.data_dir, self.dataset.hub_id)),
-            "dataset: no data_files, data_dir or hub_id is set; set dataset.data_dir=DIR, "
-            "dataset.data_files={train: FILE, validation: FILE} or dataset.hub_id=ID",
-        )
-        problems += self._column_problems()
-        problems += self.dataset.partition.problems()
-        problems += self.compare.problems()
-        check(self.lora.r > 0, f"lora.r: must be > 0, got {self.lora.r}")
-        check(0.0 <= self.lora.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
-        check(
-            self.lora.variant in LORA_VARIANTS,
-            f"lora.variant: {self.lora.variant!r} is not one of {', '.join(LORA_VARIANTS)}",
-        )
-        for key in ("budget", "val_samples", "epochs", "batch_size", "grad_accum", "log_every"):
-            value = getattr(self.search, key)
-            check(value > 0, f"search.{key}: must be > 0, got {value}")
-        check(self.search.alpha_lr > 0, f"search.alpha_lr: must be > 0, got {self.search.alpha_lr}")
-        check(
-            self.search.alpha_optimizer in ALPHA_OPTIMIZERS,
-            f"search.alpha_optimizer: {self.search.alpha_optimizer!r} is not one of {', '.join(ALPHA_OPTIMIZERS)}",
-        )
-        check(
-            self.search.alpha_warmup_steps >= 0,
-            f"search.alpha_warmup_steps: must be >= 0, got {self.search.alpha_warmup_steps}",
-        )
-        check(
-            self.search.val_batch_size is None or self.search.val_batch_size > 0,
-            f"search.val_batch_size: must be > 0 (or null: search.batch_size), got {self.search.val_batch_size}",
-        )
-        for key in ("search.max_grad_norm", "search.alpha_max_grad_norm", "finetune.max_grad_norm"):
-            value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
-            check(value >= 0, f"{key}: must be >= 0 (0 turns clipping off), got {value}")
-        problems += self._lora_init_problems()
-        problems += self._hypergradient_problems()
-        for key in ("search", "finetune"):
-            value = getattr(self, key).on_nonfinite
-            check(
-                value in ON_NONFINITE,
-                f"{key}.on_nonfinite: {value!r} is not one of {', '.join(ON_NONFINITE)}",
-            )
-        check(
-            self.select.rule in SELECT_RULES,
-            f"select.rule: {self.select.rule!r} is not one of {', '.join(SELECT_RULES)}",
-        )
-        check(
-            self.select.print in ("none", "peft"),
-            f"select.print: {self.select.print!r} is not one of none, peft",
-        )
-        if self.select.rule == "top_k" and self.select.layers is None:
-            check(
-                self.select.k is not None and self.select.k > 0,
-                f"select.k: rule=top_k needs k > 0, got {self.select.k}",
-            )
-        if self.select.rule == "budget" and self.select.layers is None:
-            check(
-                self.select.max_params is not None and self.select.max_params > 0,
-                f"select.max_params: rule=budget needs max_params > 0, got {self.select.max_params}",
-            )
-        layers = self.select.layers
-        if layers is not None and layers != "all":
-            if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
-                problems.append(f"select.layers: expected a list of layer indices or 'all', got {layers!r}")
-            elif not layers:
-                problems.append("select.layers: empty list; name at least one layer or use 'all'")
-            elif len(set(layers)) != len(layers):
-                problems.append(f"select.layers: duplicate indices in {layers}; list each layer once")
-            elif min(layers) < 0:
-                problems.append(f"select.layers: negative index in {layers}; layers count from 0")
-        for key in ("epochs", "batch_size", "grad_accum", "lr", "log_every"):
-            value = getattr(self.finetune, key)
-            check(value > 0, f"finetune.{key}: must be > 0, got {value}")
-        batch = self.eval.batch_size
-        check(
-            batch == "auto" or (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0),
-            f"eval.batch_size: must be a positive integer or auto, got {batch!r}",
-        )
-        check(
-            self.eval.format is None or self.eval.format in FORMATS,
-            f"eval.format: {self.eval.format!r} is not one of {', '.join(FORMATS)}",
-        )
-        check(
-            self.eval.limit is None or self.eval.limit > 0, f"eval.limit: must be > 0, got {self.eval.limit}"
-        )
-        problems += self._evaluator_problems()
-        check(
-            self.eval.datasets is None or len(self.eval.datasets) > 0,
-            "eval.datasets: empty list; name at least one dataset config or leave it unset",
-        )
-        check(
-            self.precision in PRECISIONS,
-            f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}",
-        )
-        check(
-            self.eval.precision is None or self.eval.precision in PRECISIONS,
-            f"eval.precision: {self.eval.precision!r} is not one of {', '.join(PRECISIONS)}",
-        )
-        check(self.tracker in TRACKERS, f"tracker: {self.tracker!r} is not one of {', '.join(TRACKERS)}")
-        check(self.device in DEVICES, f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
-        check(self.format in FORMATS, f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
-        check(
-            self.demo_task in DEMO_TASKS,
-            f"demo_task: {self.demo_task!r} is not one of {', '.join(DEMO_TASKS)}",
-        )
-        check(self.max_length > 8, f"max_length: must be > 8, got {self.max_length}")
-        check(self.pack_tokens >= 0, f"pack_tokens: must be >= 0, got {self.pack_tokens}")
-        check(self.pad_to_multiple_of > 0, f"pad_to_multiple_of: must be > 0, got {self.pad_to_multiple_of}")
-        check(self.checkpoint_every > 0, f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
-        check(self.keep_checkpoints > 0, f"keep_checkpoints: must be > 0, got {self.keep_checkpoints}")
-        return problems
-
-    def _lora_init_problems(self) -> list[str]:
-        init = self.lora.init
-        if init not in LORA_INITS:
-            return [f"lora.init: {init!r} is not one of {', '.join(LORA_INITS)}"]
-        if init == "default":
-            return []
-        problems = []
-        if self.lora.variant == "dora":
-            problems.append(
-                f"lora.init={init}: not with lora.variant=dora (peft cannot convert a DoRA adapter that "
-                "moved weight out of the base back to the base); use lora.variant=lora or rslora"
-            )
-        if self.model.quantization != "none":
-            problems.append(
-                f"lora.init={init}: not with model.quantization={self.model.quantization} (the residual "
-                "weight is re-quantized, so the saved adapter would not fit the quantized base); "
+    def _across_sections(self) -> list[str]:
+        """The rules that tie one section's choice to another's."""
+        if self.lora.init in ("pissa", "olora") and self.model.quantization != "none":
+            return [
+                f"lora.init={self.lora.init}: not with model.quantization={self.model.quantization} (the "
+                "residual weight is re-quantized, so the saved adapter would not fit the quantized base); "
                 "use model.quantization=none"
-            )
-        return problems
-
-    def _evaluator_problems(self) -> list[str]:
-        spec = self.eval
-        if spec.evaluator not in EVALUATORS:
-            return [f"eval.evaluator: {spec.evaluator!r} is not one of {', '.join(EVALUATORS)}"]
-        if spec.evaluator == "lm_eval":
-            return (
-                []
-                if spec.tasks
-                else ["eval.tasks: evaluator=lm_eval needs tasks=[TASK,...] (lm-eval task names)"]
-            )
-        lm_eval_only = [
-            key for key in ("tasks", "include_path", "num_fewshot") if getattr(spec, key) is not None
-        ]
-        return [
-            f"eval.{key}: only with eval.evaluator=lm_eval (add evaluator=lm_eval)" for key in lm_eval_only
-        ]
-
-    def _column_problems(self) -> list[str]:
-        columns = self.dataset.columns
-        problems = []
-        if columns.label_format not in LABEL_FORMATS:
-            problems.append(
-                f"dataset.columns.label_format: {columns.label_format!r} is not one of {', '.join(LABEL_FORMATS)}"
-            )
-        choices = columns.choices
-        if not (isinstance(choices, str) or (isinstance(choices, list) and len(choices) >= 2)):
-            problems.append(
-                f"dataset.columns.choices: expected a list column's name or a list of at least two "
-                f"columns, got {choices!r}"
-            )
-        if columns.num_choices is not None and columns.num_choices < 2:
-            problems.append(f"dataset.columns.num_choices: must be >= 2, got {columns.num_choices}")
-        return problems
-
-    def _hypergradient_problems(self) -> list[str]:
-        """search.hypergradient's own rules: the second-order variants need unscaled gradients, and
-        unrolled a twice-differentiable model (eager attention, no checkpointing, no quantization)."""
-        kind = self.search.hypergradient
-        if kind not in HYPERGRADIENTS:
-            return [f"search.hypergradient: {kind!r} is not one of {', '.join(HYPERGRADIENTS)}"]
-        problems = []
-        if self.search.unroll_steps < 0:
-            problems.append(f"search.unroll_steps: must be >= 0, got {self.search.unroll_steps}")
-        if kind != "first_order" and self.precision == "fp16":
-            problems.append(
-                f"search.hypergradient={kind}: not with precision=fp16 (scaled gradients); use bf16"
-            )
-        if kind == "unrolled":
-            needs = {
-                "model.attn_implementation=eager": self.model.attn_implementation == "eager",
-                "gradient_checkpointing=false": not self.gradient_checkpointing,
-                "model.quantization=none": self.model.quantization == "none",
-            }
-            missing = [fix for fix, ok in needs.items() if not ok]
-            if missing:
-                problems.append(
-                    f"search.hypergradient=unrolled differentiates through the LoRA steps (a double "
-                    f"backward), which needs {', '.join(missing)}; set them, or use search.hypergradient=darts"
-                )
-        return problems
-
-
-def load(cfg: DictConfig | Settings) -> Settings:
-    """Typed, validated settings from a composed config; raises ConfigError listing every problem."""
-    if isinstance(cfg, Settings):
-        settings = cfg
-    else:
-        try:
-            merged = OmegaConf.merge(OmegaConf.structured(Settings), cfg)
-            settings = OmegaConf.to_object(merged)
-        except OmegaConfBaseException as exc:
-            resolving = "raised while resolving interpolation: "
-            if resolving in str(exc):  # a resolver's own message (e.g. package_dir) says the fix
-                raise ConfigError(first_line(exc).split(resolving, 1)[1]) from exc
-            key = getattr(exc, "full_key", None)
-            where = f"{key}: " if key and key not in first_line(exc) else ""
-            raise ConfigError(
-                f"{where}{first_line(exc)} (check the spelling and type of the override)"
-            ) from exc
-    _plain_lists(settings)
-    if isinstance(settings.eval.batch_size, str) and settings.eval.batch_size.isdigit():
-        settings.eval.batch_size = int(settings.eval.batch_size)
-    problems = settings.validate()
-    if problems:
-        raise ConfigError("invalid settings: " + "; ".join(problems))
-    return settings
-
-
-def _plain_lists(settings: Settings) -> None:
-    """`Any` fields keep OmegaConf's ListConfig through to_object; make them lists."""
-    settings.select.layers = _plain_list(settings.select.layers)
-    settings.dataset.columns.choices = _plain_list(settings.dataset.columns.choices)
-
-
-def _plain_list(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) or OmegaConf.is_list(value) else value
-
-
-def package_dir(module: str, pip_install: str) -> str:
-    """The folder of the installed package `module` (the `${package_dir:module,pip command}`
-    resolver of recipes that use files a package ships, e.g. recipes/model/smollm2_135m.yaml)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)  # finds the folder without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"the files this config uses come from the Python package {module}, which is not "
-            f"installed; run `{pip_install}`"
-        )
-    return str(Path(spec.submodule_search_locations[0]))
-
-
-OmegaConf.register_new_resolver("package_dir", package_dir, replace=True)
-
-
-def recipes_dir() -> Path:
-    """recipes/ beside the package in a source checkout, else the copy installed in the package."""
-    source = Path(__file__).resolve().parent.parent / "recipes"
-    return source if (source / "config.yaml").exists() else Path(__file__).resolve().parent / "recipes"
-
-
-def dataset_settings(name: str, settings: Settings) -> DatasetSettings:
-    """The dataset config recipes/dataset/NAME.yaml, resolved against `settings` (e.g. demo_assets).
-
-    The run's own dataset keeps the command line's overrides.
-    """
-    if name == settings.dataset.name:
-        return settings.dataset
-    return dataset_preset(name, settings.demo_assets)
-
-
-def dataset_preset(name: str, demo_assets: str | None = None, **changes: Any) -> DatasetSettings:
-    """The dataset config recipes/dataset/NAME.yaml with `changes` (e.g. data_dir) applied."""
-    path = recipes_dir() / "dataset" / f"{name}.yaml"
-    if not path.is_file():
-        valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise ConfigError(f"eval.datasets: no dataset config '{name}'; choose from {valid}")
-    try:
-        root = OmegaConf.create({"demo_assets": demo_assets, "dataset": _with_defaults(path)})
-        values = {**OmegaConf.to_container(root.dataset, resolve=True), **changes}
-        merged = OmegaConf.merge(OmegaConf.structured(DatasetSettings), values)
-        spec = OmegaConf.to_object(merged)
-        spec.columns.choices = _plain_list(spec.columns.choices)
-        return spec
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {first_line(exc)}") from exc
-
-
-def _with_defaults(path: Path) -> DictConfig:
-    """A group config merged onto the configs its `defaults` list names in the same group, as
-    Hydra composes it (presets hold only their differences)."""
-    node = OmegaConf.load(path)
-    bases = node.pop("defaults", [])
-    merged = [_with_defaults(path.parent / f"{base}.yaml") for base in bases if base != "_self_"]
-    return OmegaConf.merge(*merged, node)
+            ]
+        return []
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

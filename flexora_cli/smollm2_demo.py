@@ -125,10 +125,10 @@ def _write_records(model, tokenizer, count: int, advance) -> list[dict]:
 
 def _scores(model, tokenizer, records: list[dict], advance=None) -> list[list[float]]:
     """Per-choice summed log-likelihoods, as `flexora eval format=completion` scores them."""
+    from flexora_cli.config import dataset_preset
     from flexora_cli.data.datasets import parse_rows
     from flexora_cli.data.prompts import build_prompts
     from flexora_cli.scoring import score
-    from flexora_cli.settings import dataset_preset
 
     hellaswag = dataset_preset("hellaswag")
     rows = [(f"record {i}", {**r, "label": "0"}) for i, r in enumerate(records)]

@@ -42,10 +42,10 @@ from pathlib import Path
 import torch
 
 from flexora_cli import demo
+from flexora_cli.config import dataset_preset
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.scoring import choice_metrics, score
-from flexora_cli.settings import dataset_preset
 
 TASKS = {"hellaswag": ("data", 4), "piqa": ("data_piqa", 2), "winogrande": ("data_winogrande", 2)}
 """Task → (the demo's folder in that hub schema, choices per example)."""
@@ -159,13 +159,10 @@ def _real_rows(target: Path, split: str) -> dict[str, str]:
 
 def _smollm2_dir() -> str:
     """The safetensors copy of SmolLM2's GGUF (converted once, as model=smollm2_135m does)."""
-    from hydra import compose, initialize_config_dir
-
+    from flexora_cli.config import compose, load
     from flexora_cli.modeling import model_dir
-    from flexora_cli.settings import load, recipes_dir
 
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        return model_dir(load(compose(config_name="config", overrides=["model=smollm2_135m"])).model)
+    return model_dir(load(compose(["model=smollm2_135m"])).model)
 
 
 def _random_llama(tokenizer_dir: str, shape: str):

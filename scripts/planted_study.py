@@ -157,12 +157,10 @@ def run_stage(stage: str, overrides: list[str]):
     import importlib
 
     from accelerate.state import AcceleratorState
-    from hydra import compose, initialize_config_dir
 
-    from flexora_cli.settings import recipes_dir
+    from flexora_cli.config import compose
 
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose(overrides)
     try:
         return importlib.import_module(f"flexora_cli.stages.{stage}").run(cfg)
     finally:

@@ -17,13 +17,11 @@ import argparse
 import json
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from flexora_cli import report
 from flexora_cli.comparison import SUMMARY_COLUMNS, RunRow, summarise
+from flexora_cli.config import compose, load
 from flexora_cli.method import SearchResult, Selection
 from flexora_cli.rundir import RunDir
-from flexora_cli.settings import load, recipes_dir
 from flexora_cli.stages import run as pipeline
 
 SETTINGS = {
@@ -62,7 +60,7 @@ def main() -> None:
         for seed in seeds:
             out_dir = Path(args.out) / name / f"seed_{seed}"
             overrides = [f"recipe={args.recipe}", f"seed={seed}", f"out_dir={out_dir}", *SETTINGS[name]]
-            settings = load(_compose(overrides + args.override))
+            settings = load(compose(overrides + args.override))
             report.console.rule(f"[bold]study {name} seed {seed}")
             pipeline.run(settings)
             rows.append(_row(name, seed, settings))
@@ -74,11 +72,6 @@ def main() -> None:
         json.dumps({"rows": [r.to_json() for r in rows], "summary": [r.to_json() for r in summary]}, indent=1)
     )
     print(table)
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def _row(name: str, seed: int, settings) -> RunRow:

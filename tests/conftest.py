@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from flexora_cli import demo
-from flexora_cli.settings import recipes_dir
+from flexora_cli.config import compose
 
 torch.set_num_threads(2)
 
 
 def compose_config(*overrides: str) -> DictConfig:
     """The config `flexora <stage> *overrides` would run with."""
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose(list(overrides))
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from flexora_cli import cli
+from flexora_cli import cli, config
 from flexora_cli.method import SearchResult, ranking
 
 
@@ -54,7 +54,7 @@ def _searched(alpha: list[float], config: bool = False) -> Callable[[Path, Path]
         if config:  # as if searched with another LoRA rank
             from omegaconf import OmegaConf
 
-            from flexora_cli.settings import load
+            from flexora_cli.config import load
             from tests.conftest import compose_config
 
             other = load(
@@ -94,7 +94,7 @@ def _live_lock(tmp: Path, demo: Path) -> None:
 
 
 def _broken_recipe(tmp: Path, demo: Path) -> None:
-    shutil.copytree(cli.recipes_dir(), tmp / "recipes")
+    shutil.copytree(config.recipes_dir(), tmp / "recipes")
     (tmp / "recipes" / "recipe" / "broken.yaml").write_text("# @package _global_\nsearch: {budget: [1,\n")
 
 
@@ -345,7 +345,8 @@ def test_bad_input(name, demo_dir, tmp_path, monkeypatch, capsys):
             importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else find_spec(n, *a)
         )
     if case.prepare is _broken_recipe:
-        monkeypatch.setattr(cli, "recipes_dir", lambda: tmp_path / "recipes")
+        for module in (cli, config):  # the pre-check composes through config, Hydra's main through cli
+            monkeypatch.setattr(module, "recipes_dir", lambda: tmp_path / "recipes")
     if case.prepare is _disk_full:
         import errno
 

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from flexora_cli.checkpoint import Checkpoints, rng_state, set_rng_state
+from flexora_cli.config import load
 from flexora_cli.errors import ConfigError
 from flexora_cli.rundir import RunDir
-from flexora_cli.settings import load
 
 
 def test_rng_state_round_trip():

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from flexora_cli.checkpoint import Checkpoints
+from flexora_cli.config import load
 from flexora_cli.engine import Engine
 from flexora_cli.rundir import RunDir
-from flexora_cli.settings import load
 from flexora_cli.stages import run
 
 pytestmark = [

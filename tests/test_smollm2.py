@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexora_cli.config import load
 from flexora_cli.data.batches import split_pairs, training_features
 from flexora_cli.data.prompts import Prompt
 from flexora_cli.engine import Engine
@@ -20,7 +21,6 @@ from flexora_cli.errors import ConfigError, ModelError
 from flexora_cli.method import build_search_step
 from flexora_cli.modeling import gguf_cache_dir, gguf_path, load_model, load_tokenizer, model_dir
 from flexora_cli.scoring import score
-from flexora_cli.settings import load
 from flexora_cli.smollm2_demo import TOPICS
 from tests.conftest import compose_config
 

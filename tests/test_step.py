@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexora_cli.config import load
 from flexora_cli.data.batches import training_features
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
@@ -20,7 +21,6 @@ from flexora_cli.modeling import (
     load_tokenizer,
     resolve_precision,
 )
-from flexora_cli.settings import load
 from flexora_cli.step import AnswerLM, Collator, TrainStep, pack_rows, pad_rows
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from flexora_cli.config import load
 from flexora_cli.data.batches import training_features
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
@@ -19,7 +20,6 @@ from flexora_cli.engine import Engine
 from flexora_cli.method import LayerGates
 from flexora_cli.modeling import load_tokenizer
 from flexora_cli.scoring import score
-from flexora_cli.settings import load
 from flexora_cli.step import AnswerLM, Collator, TrainStep, adamw_with_schedule, trainable_parameters
 from flexora_cli.tripwires import AttentionTripwire, HostSyncCounter, fully_masked_rows
 

@@ -7,7 +7,8 @@ differ from the paper and the authors' code.
 - search_step.py: one search step: a LoRA step on a training batch (α fixed), then an α step on a
   validation batch (θ fixed, no dropout), then centring.
 - hypergradient.py: α̂'s gradient: first_order (the paper's K = 0, the authors' code), darts (the
-  last LoRA step's effect by a finite difference) or unrolled (exact, through K LoRA steps).
+  last LoRA step's effect by a finite difference) or unrolled (exact, through K LoRA steps); their
+  names, their rules on the settings and the launch, and the name → class table.
 - selection.py: the ranking (α̂ highest first) and the rules positive (α̂ > 0), top_k, budget.
 - results.py: SearchResult (search/alpha.json) and Selection (select/selection.json).
 
@@ -15,6 +16,7 @@ stages/search.py and stages/select.py only load, loop, save and print around the
 """
 
 from flexora_cli.method.gates import LayerGates, gated_lora_model
+from flexora_cli.method.hypergradient import HYPERGRADIENTS
 from flexora_cli.method.results import SearchResult, Selection
 from flexora_cli.method.search_step import SearchStep, build_search_step, search_optimizers
 from flexora_cli.method.selection import (
@@ -24,7 +26,6 @@ from flexora_cli.method.selection import (
     ranking,
     select_layers,
 )
-from flexora_cli.settings import HYPERGRADIENTS
 
 __all__ = [
     "HYPERGRADIENTS",

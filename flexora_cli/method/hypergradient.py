@@ -20,7 +20,8 @@ where D = ∂U/∂g is the AdamW step's Jacobian (diagonal) and Jclip that of gr
   process; no activation checkpointing, quantization or fp16.
 
 Each object is told about the LoRA step (before/after) and then corrects α̂'s gradient, which the α
-pass (θ fixed, dropout off) has just left in `.grad`.
+pass (θ fixed, dropout off) has just left in `.grad`. The names, the rules each one sets on the
+other settings and on the launch, and the name → class table (HYPERGRADIENTS) are all here.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import nn
 
 from flexora_cli.errors import ConfigError
 from flexora_cli.method.gates import LayerGates
-from flexora_cli.settings import HYPERGRADIENTS
+from flexora_cli.settings import one_of
 from flexora_cli.step import Collated, MicroBatch, TrainStep
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6)
@@ -55,6 +56,11 @@ class FirstOrder:
         self.train_step, self.lora, self.gates, self.max_grad_norm = train_step, lora, gates, max_grad_norm
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch AdamW inside accelerate's
         self.device = gates.alpha_hat.device
+
+    @classmethod
+    def for_search(cls, train_step: TrainStep, lora, gates: LayerGates, optimizer, model: nn.Module, search):
+        """The hypergradient for a search with settings `search` over the unwrapped `model`."""
+        return cls(train_step, lora, gates, optimizer, search.max_grad_norm)
 
     def before_lora_step(self, train: Collated) -> None:
         """Called before the LoRA step on `train` (at this point the weights are w)."""
@@ -182,6 +188,10 @@ class Unrolled(FirstOrder):
         self.names = [names[id(p)] for p in lora]
         self.alpha_name = names[id(gates.alpha_hat)]
         self.window: deque[dict[str, Any]] = deque(maxlen=max(steps, 1))
+
+    @classmethod
+    def for_search(cls, train_step: TrainStep, lora, gates: LayerGates, optimizer, model: nn.Module, search):
+        return cls(train_step, lora, gates, optimizer, search.max_grad_norm, model, search.unroll_steps)
 
     def before_lora_step(self, train: Collated) -> None:
         if self.steps == 0:
@@ -318,16 +328,62 @@ class DropoutOff:
                 m.training = training
 
 
+HYPERGRADIENTS: dict[str, type[FirstOrder]] = {
+    "first_order": FirstOrder,
+    "darts": Darts,
+    "unrolled": Unrolled,
+}
+"""search.hypergradient's names and the class each one names."""
+
+
 def make_hypergradient(
     kind: str, train_step: TrainStep, lora, gates: LayerGates, optimizer, model: nn.Module, search
 ) -> FirstOrder:
     """The hypergradient `search.hypergradient` names, for the unwrapped search module `model`;
-    a name settings did not check is an error, never a silent first-order search."""
-    common = (train_step, lora, gates, optimizer, search.max_grad_norm)
-    if kind == "first_order":
-        return FirstOrder(*common)
-    if kind == "darts":
-        return Darts(*common)
+    an unknown name is an error, never a silent first-order search."""
+    if kind not in HYPERGRADIENTS:
+        raise ConfigError(_name_problems(kind)[0])
+    return HYPERGRADIENTS[kind].for_search(train_step, lora, gates, optimizer, model, search)
+
+
+def _name_problems(kind: str) -> list[str]:
+    return one_of("search.hypergradient", kind, tuple(HYPERGRADIENTS))
+
+
+def setting_problems(settings) -> list[str]:
+    """search.hypergradient's rules on the other settings: the second-order variants need unscaled
+    gradients, and unrolled a twice-differentiable model (eager attention, no checkpointing, no
+    quantization). Checked with every other setting when the config loads (config.load)."""
+    kind = settings.search.hypergradient
+    if kind not in HYPERGRADIENTS:
+        return _name_problems(kind)
+    problems = []
+    if kind != "first_order" and settings.precision == "fp16":
+        problems.append(f"search.hypergradient={kind}: not with precision=fp16 (scaled gradients); use bf16")
     if kind == "unrolled":
-        return Unrolled(*common, model, search.unroll_steps)
-    raise ConfigError(f"search.hypergradient: {kind!r} is not one of {', '.join(HYPERGRADIENTS)}")
+        needs = {
+            "model.attn_implementation=eager": settings.model.attn_implementation == "eager",
+            "gradient_checkpointing=false": not settings.gradient_checkpointing,
+            "model.quantization=none": settings.model.quantization == "none",
+        }
+        missing = [fix for fix, ok in needs.items() if not ok]
+        if missing:
+            problems.append(
+                f"search.hypergradient=unrolled differentiates through the LoRA steps (a double "
+                f"backward), which needs {', '.join(missing)}; set them, or use search.hypergradient=darts"
+            )
+    return problems
+
+
+def check_launch(kind: str, engine) -> None:
+    """Refuse the hypergradients this launch cannot compute (FSDP shards, several processes)."""
+    if kind != "first_order" and engine.shards_parameters:
+        raise ConfigError(
+            f"search.hypergradient={kind} needs each process to hold whole LoRA tensors, not FSDP "
+            f"shards; launch with DDP (or one process), or use search.hypergradient=first_order"
+        )
+    if kind == "unrolled" and engine.num_processes > 1:
+        raise ConfigError(
+            "search.hypergradient=unrolled runs on one process (its replayed steps are not "
+            "all-reduced); launch one process, or use search.hypergradient=darts, which runs under DDP"
+        )

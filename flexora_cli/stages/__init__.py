@@ -13,10 +13,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from flexora_cli import demo, report
+from flexora_cli.config import load
 from flexora_cli.errors import FlexoraError, TrainingError
 from flexora_cli.manifest import Manifest
 from flexora_cli.rundir import LAUNCH_FAILURE, RunDir, is_main_process
-from flexora_cli.settings import Settings, load
+from flexora_cli.settings import Settings
 
 
 def setup(cfg: DictConfig | Settings) -> tuple[Settings, RunDir]:

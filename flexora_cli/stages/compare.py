@@ -23,10 +23,11 @@ from rich.table import Table
 
 from flexora_cli import report
 from flexora_cli.comparison import RUN_COLUMNS, SUMMARY_COLUMNS, RunRow, runs_csv, summarise
+from flexora_cli.config import dataset_settings
 from flexora_cli.manifest import Manifest
 from flexora_cli.method import SearchResult, Selection
 from flexora_cli.rundir import RunDir, read_json
-from flexora_cli.settings import Settings, dataset_settings
+from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
 from flexora_cli.stages import run as pipeline
 

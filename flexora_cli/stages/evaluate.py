@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from peft import PeftModel
 
 from flexora_cli import lm_evaluator, report
+from flexora_cli.config import dataset_settings
 from flexora_cli.data.datasets import load_part, part_split
 from flexora_cli.data.prompts import Prompt, model_prompts
 from flexora_cli.engine import Engine
@@ -31,7 +32,7 @@ from flexora_cli.model_card import write_model_card
 from flexora_cli.modeling import load_model, load_tokenizer
 from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import choice_metrics, score
-from flexora_cli.settings import Settings, dataset_settings
+from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
 
 

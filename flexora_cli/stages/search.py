@@ -20,7 +20,14 @@ from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
 from flexora_cli.manifest import Manifest
-from flexora_cli.method import LayerGates, SearchResult, build_search_step, noise_warning, ranking
+from flexora_cli.method import (
+    LayerGates,
+    SearchResult,
+    build_search_step,
+    hypergradient,
+    noise_warning,
+    ranking,
+)
 from flexora_cli.method.selection import positive_layers
 from flexora_cli.modeling import load_model, load_tokenizer, lora_params_per_layer
 from flexora_cli.rundir import RunDir
@@ -37,7 +44,7 @@ def run(cfg: DictConfig | Settings) -> SearchResult:
     Manifest(run_dir).check_overwrite("search", settings)
     search = settings.search
     engine = Engine(settings)
-    check_hypergradient(settings, engine)
+    hypergradient.check_launch(search.hypergradient, engine)
     seed_everything(settings.seed)
     tokenizer = load_tokenizer(settings.model)
     train_batches, val_batches, partition = search_batches(settings, tokenizer)
@@ -99,21 +106,6 @@ def search_result(
         nonfinite_steps_skipped=loop.skipped,
         history=loop.history,
     )
-
-
-def check_hypergradient(settings: Settings, engine: Engine) -> None:
-    """Refuse the hypergradients a launch cannot compute (the static rules are in settings)."""
-    kind = settings.search.hypergradient
-    if kind != "first_order" and engine.shards_parameters:
-        raise ConfigError(
-            f"search.hypergradient={kind} needs each process to hold whole LoRA tensors, not FSDP "
-            f"shards; launch with DDP (or one process), or use search.hypergradient=first_order"
-        )
-    if kind == "unrolled" and engine.num_processes > 1:
-        raise ConfigError(
-            "search.hypergradient=unrolled runs on one process (its replayed steps are not "
-            "all-reduced); launch one process, or use search.hypergradient=darts, which runs under DDP"
-        )
 
 
 def step_pairs(train: Batches, val: Batches, epochs: int, done: int):

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from flexora_cli.config import dataset_preset
 from flexora_cli.data.datasets import carve_validation, load_split
 from flexora_cli.data.prompts import mcq
 from flexora_cli.errors import DataError
-from flexora_cli.settings import ColumnSettings, dataset_preset
+from flexora_cli.settings import ColumnSettings
 
 HELLASWAG = {
     "ind": 24,

@@ -10,11 +10,12 @@ from collections import Counter
 
 import pytest
 
+from flexora_cli.config import load
 from flexora_cli.data.datasets import MCExample, load_part, load_split
 from flexora_cli.data.partition import cut, row_id
 from flexora_cli.errors import ConfigError, DataError
 from flexora_cli.manifest import stage_hash
-from flexora_cli.settings import PartitionSettings, load
+from flexora_cli.settings import PartitionSettings
 from tests.conftest import compose_config
 
 

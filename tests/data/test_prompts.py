@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from flexora_cli.config import dataset_preset
 from flexora_cli.data import prompts as formats
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import Prompt, build_prompts
 from flexora_cli.data.templates import hellaswag_preprocess
 from flexora_cli.errors import ConfigError
-from flexora_cli.settings import ModelSettings, dataset_preset
+from flexora_cli.settings import ModelSettings
 from tests.data.test_datasets import HELLASWAG, PIQA, RACE, WINOGRANDE, write_split
 
 

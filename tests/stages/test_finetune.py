@@ -7,8 +7,8 @@ import json
 import pytest
 
 from flexora_cli import cli
+from flexora_cli.config import load
 from flexora_cli.errors import ConfigError
-from flexora_cli.settings import load
 from flexora_cli.stages import run as pipeline
 from tests.conftest import compose_config
 

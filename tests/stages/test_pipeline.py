@@ -11,9 +11,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from flexora_cli.config import load
 from flexora_cli.errors import ConfigError, MissingArtifactError
 from flexora_cli.rundir import RunDir
-from flexora_cli.settings import load
 from flexora_cli.stages import evaluate, finetune, run, search, select
 
 
@@ -106,6 +106,26 @@ def test_run_all_then_skip_complete(tiny_cfg, capsys):
     assert set(changed) == {"finetune", "eval"}  # built from the replaced selection: stale
     err = " ".join(capsys.readouterr().err.split())
     assert "finetune runs again: built from select outputs that have changed since" in err
+
+
+def test_train_in_bf16_and_score_in_fp32_in_one_process(tiny_cfg, tmp_path):
+    """The real-data recipes' split: search and finetune autocast to bf16, eval.precision=fp32
+    scores with fp32 weights in the same process (accelerate's state cannot change its mixed
+    precision, and scoring needs none), so the base scores exactly as an fp32-only eval does."""
+    results = run.run(tiny_cfg("precision=bf16", "eval.precision=fp32"))
+    assert results["search"].precision == "bf16"
+    out = RunDir(tiny_cfg().out_dir).root
+    assert json.loads(out.joinpath("finetune", "train_log.json").read_text())["precision"] == "bf16"
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new command: an fp32 process
+    fp32_only = tiny_cfg("eval.adapters=[]", f"out_dir={tmp_path / 'fp32'}")
+    evaluate.run(fp32_only)
+    scores = [
+        [json.loads(line)["base"]["scores"] for line in (root / "eval" / "predictions.jsonl").open()]
+        for root in (out, RunDir(fp32_only.out_dir).root)
+    ]
+    assert scores[0] == scores[1]
 
 
 def test_explicit_layers_bypass_the_search(tiny_cfg):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexora_cli.config import load
 from flexora_cli.demo import PLANTED_LAYERS
 from flexora_cli.errors import ConfigError
 from flexora_cli.method import SearchStep
-from flexora_cli.settings import load
 from flexora_cli.stages import search
 from tests.conftest import compose_config
 
