@@ -1,29 +1,23 @@
-"""One training step, owned here: collation, the answer loss, backward, clipping and the guarded update.
+"""One training step, owned here: the answer loss, backward, clipping and the guarded update.
 
-The search (both its LoRA and its α step), finetune and scripts/bench_train.py all run this code.
+The search (both its LoRA and its α step), finetune and scripts/bench_train.py all run this code;
+its input, the collated micro-batches, is data/collate.py's.
 
-- **Padding-free packing.** A micro-batch's rows are concatenated into packs no wider than its
-  longest row (rounded up to `pad_to_multiple_of`; or `pack_tokens` when larger); position ids
-  restart at 0 for each row and a block-diagonal causal mask (built on the device from per-token
-  sequence ids) keeps rows apart. The unused tail of a pack is a sequence of its own, so no
-  attention query row is ever fully masked: such rows are where CUDA's SDPA kernels return NaN
-  for left-padded batches. Families whose code cannot take
-  packed rows (remote code, e.g. ChatGLM3) get right-padded rows instead, which have no fully
-  masked rows under a causal mask either (modeling.packs_rows decides).
 - **Loss on answer positions only.** The hidden states of the positions that predict an answer
   token are gathered and the LM head runs on those alone: no [tokens × vocab] tensor exists for
-  context tokens.
-- **Global batches.** A step's rows are sorted by length and dealt to num_processes × grad_accum
-  micro-batches; each micro-batch's summed loss is divided by the answer tokens of the whole
+  context tokens. Packed rows get a block-diagonal causal mask built on the device.
+- **Global batches.** Each micro-batch's summed loss is divided by the answer tokens of the whole
   step, and DDP averages, so 1 process and N take the same step.
 - **No host sync inside a step.** Losses, gradient norms and finiteness flags stay on the device
-  (StepGuard) and are read at log and checkpoint steps; batches are collated on the host ahead
-  of the step and copied with non_blocking.
+  (StepGuard) and are read at log and checkpoint steps; batches arrive collated ahead of the step
+  and are copied with non_blocking.
 - **Guarded updates.** Gradients are clipped to `max_grad_norm`; a non-finite loss or gradient
   norm sets `found_inf` on the fused AdamW/Adam, whose kernel then skips the update on the
   device. With on_nonfinite=error every later update is skipped too, so the weights stay at the
   last good state until the next read, which replays the failing batch with finiteness hooks
-  (locate_nonfinite) and stops the stage with one line naming step, phase and module.
+  (nonfinite.locate_nonfinite) and stops the stage with one line naming step, phase and module.
+- **One builder per step.** build_lora_step here and method.build_search_step assemble the two
+  steps for the stages and every script alike.
 """
 
 from __future__ import annotations
@@ -31,14 +25,15 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import get_scheduler, set_seed
 
+from flexora_cli.data.collate import Collated, Collator, make_collator
 from flexora_cli.errors import TrainingError
 from flexora_cli.modeling import accepts_logits_to_keep, causal_lm, packs_rows
 
@@ -69,213 +64,6 @@ def adamw_with_schedule(
         scheduler, optimizer, num_warmup_steps=int(warmup_ratio * total_steps), num_training_steps=total_steps
     )
     return optimizer, schedule
-
-
-# -- collation -------------------------------------------------------------------------------
-
-
-def answer_positions(row: dict) -> list[int]:
-    """Positions whose logits predict an answer token (the logit at p predicts token p + 1)."""
-    labels = row["labels"]
-    return [p - 1 for p in range(1, len(labels)) if labels[p] != -100]
-
-
-def label_tokens(row: dict) -> int:
-    """Answer tokens of one training row (the positions the loss is taken on)."""
-    return sum(1 for label in row["labels"] if label != -100)
-
-
-@dataclass
-class MicroBatch:
-    """One forward pass's tokens, collated on the host (pinned on CUDA) ahead of the step."""
-
-    input_ids: torch.Tensor
-    """[packs or rows, width] token ids."""
-    position_ids: torch.Tensor
-    """[packs or rows, width], restarting at 0 for each packed row."""
-    sequence_ids: torch.Tensor | None
-    """Packed: [packs, width] which row of the pack each token belongs to (None when padded)."""
-    attention_mask: torch.Tensor | None
-    """Right-padded: [rows, width] 1 on real tokens (None when packed)."""
-    answer_rows: torch.Tensor
-    """[K] the pack/row of each answer-predicting position."""
-    answer_cols: torch.Tensor
-    """[K] its column."""
-    targets: torch.Tensor
-    """[K] the answer token each of those positions predicts."""
-    weight: float = 1.0
-    """0 for the stand-in row of a process whose share of the step is empty."""
-    real_tokens: int = 0
-    """Tokens of real rows (the rest of input_ids is padding), for the padding-waste report."""
-    first_answer_col: int = 0
-    """Right-padded: the lowest answer-predicting column (logits are computed from there on)."""
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-
-    def pin_memory(self) -> MicroBatch:
-        return replace(self, **{k: v.pin_memory() for k, v in self._tensors().items()})
-
-    def to(self, device: torch.device) -> MicroBatch:
-        return replace(self, **{k: v.to(device, non_blocking=True) for k, v in self._tensors().items()})
-
-    def model_inputs(self) -> dict[str, torch.Tensor | int | None]:
-        """The keyword arguments of AnswerLM.forward."""
-        return {name: getattr(self, name) for name in _MODEL_INPUTS}
-
-
-_MODEL_INPUTS = (
-    "input_ids", "position_ids", "sequence_ids", "attention_mask",
-    "answer_rows", "answer_cols", "targets", "first_answer_col",
-)  # fmt: skip
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def pack_rows(rows: list[dict], pad_id: int, pack_tokens: int, multiple: int) -> MicroBatch:
-    """Concatenate `rows` into as few packs as first-fit decreasing finds, each of at most
-    max(pack_tokens, the longest row rounded up to `multiple`) tokens. With pack_tokens 0 a pack
-    is as wide as padding would make the longest row, so packing never costs more attention than
-    padding (which grows with the square of the width) and saves the rows it fills. The tail of
-    each pack is padding that forms a sequence of its own (it attends to itself, never to a row,
-    and is never scored)."""
-    capacity = max(pack_tokens, _round_up(max(len(row["input_ids"]) for row in rows), multiple))
-    packs: list[list[dict]] = []
-    loads: list[int] = []
-    for row in sorted(rows, key=lambda r: -len(r["input_ids"])):
-        n = len(row["input_ids"])
-        slot = next((i for i, load in enumerate(loads) if load + n <= capacity), None)
-        if slot is None:
-            packs.append([]), loads.append(0)
-            slot = len(packs) - 1
-        packs[slot].append(row)
-        loads[slot] += n
-    width = _round_up(max(loads), multiple)
-    # Built as Python lists and converted once: per-row tensor writes cost more than the rows.
-    tokens, positions, sequences = [], [], []
-    answer_rows, answer_cols, targets = [], [], []
-    for p, pack in enumerate(packs):
-        offset = 0
-        for sequence, row in enumerate(pack):
-            n = len(row["input_ids"])
-            tokens += row["input_ids"]
-            positions += range(n)
-            sequences += [sequence] * n
-            answers = answer_positions(row)
-            answer_rows += [p] * len(answers)
-            answer_cols += [offset + k for k in answers]
-            targets += [row["labels"][k + 1] for k in answers]
-            offset += n
-        tokens += [pad_id] * (width - offset)
-        positions += range(width - offset)
-        sequences += [len(pack)] * (width - offset)
-    shape = (len(packs), width)
-    return MicroBatch(
-        torch.tensor(tokens).view(shape), torch.tensor(positions).view(shape),
-        torch.tensor(sequences).view(shape), None,
-        torch.tensor(answer_rows), torch.tensor(answer_cols), torch.tensor(targets),
-        real_tokens=sum(loads),
-    )  # fmt: skip
-
-
-def pad_rows(rows: list[dict], pad_id: int, multiple: int) -> MicroBatch:
-    """Right-padded rows (the fallback for models that cannot take packed rows): under a causal
-    mask a padding query still sees its row's real tokens, so no query row is fully masked."""
-    width = _round_up(max(len(row["input_ids"]) for row in rows), multiple)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    answer_rows, answer_cols, targets = [], [], []
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = torch.tensor(row["input_ids"])
-        attention_mask[i, :n] = 1
-        positions = answer_positions(row)
-        answer_rows += [i] * len(positions)
-        answer_cols += positions
-        targets += [row["labels"][k + 1] for k in positions]
-    return MicroBatch(
-        input_ids, torch.arange(width).repeat(len(rows), 1), None, attention_mask,
-        torch.tensor(answer_rows), torch.tensor(answer_cols), torch.tensor(targets),
-        real_tokens=int(attention_mask.sum()), first_answer_col=min(answer_cols),
-    )  # fmt: skip
-
-
-@dataclass
-class Collated:
-    """This process's micro-batches of one global batch, and the step's answer-token count."""
-
-    micro_batches: list[MicroBatch]
-    total_tokens: int
-    """Answer tokens of the whole global batch (all processes): the loss's denominator."""
-    rows: int
-    """Rows of the global batch."""
-    tokens: int
-    """Tokens of the global batch's rows (for tokens/s)."""
-
-    def pin_memory(self) -> Collated:
-        return replace(self, micro_batches=[m.pin_memory() for m in self.micro_batches])
-
-
-@dataclass
-class Collator:
-    """Deals a global batch's rows to this process's micro-batches and collates them."""
-
-    pad_id: int
-    packed: bool
-    """Pack rows (pack_rows) or right-pad them (pad_rows)."""
-    pack_tokens: int = 0
-    multiple: int = 64
-    num_processes: int = 1
-    process_index: int = 0
-    grad_accum: int = 1
-
-    def __call__(self, rows: list[dict]) -> Collated:
-        """Rows sorted by length are dealt in contiguous runs (little padding). A micro-batch left
-        empty (fewer rows than micro-batches) runs one row at weight 0, because every process must
-        take part in every backward."""
-        ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
-        parts = self.num_processes * self.grad_accum
-        bounds = [len(ordered) * i // parts for i in range(parts + 1)]
-        micro_batches = []
-        for i in range(self.process_index * self.grad_accum, (self.process_index + 1) * self.grad_accum):
-            share, weight = (
-                (ordered[bounds[i] : bounds[i + 1]], 1.0) if bounds[i + 1] > bounds[i] else (ordered[:1], 0.0)
-            )
-            batch = (
-                pack_rows(share, self.pad_id, self.pack_tokens, self.multiple)
-                if self.packed
-                else pad_rows(share, self.pad_id, self.multiple)
-            )
-            micro_batches.append(replace(batch, weight=weight))
-        return Collated(
-            micro_batches,
-            total_tokens=sum(label_tokens(row) for row in rows),
-            rows=len(rows),
-            tokens=sum(len(row["input_ids"]) for row in rows),
-        )
-
-
-def prefetched(batches: Iterator[list[dict]], collate: Collator, pin: bool) -> Iterator[Collated]:
-    """Collate global batches ahead of the step through a DataLoader (pinned memory on CUDA), in
-    the order `batches` yields them (seeded and resumable, data/batches.Batches)."""
-    loader = torch.utils.data.DataLoader(
-        _IterableBatches(batches), batch_size=None, collate_fn=collate, pin_memory=pin, num_workers=0
-    )
-    yield from loader
-
-
-class _IterableBatches(torch.utils.data.IterableDataset):
-    def __init__(self, batches: Iterator[list[dict]]):
-        self.batches = batches
-
-    def __iter__(self) -> Iterator[list[dict]]:
-        return iter(self.batches)
 
 
 # -- the model a training stage wraps ----------------------------------------------------------
@@ -524,81 +312,7 @@ class NonFiniteError(TrainingError):
     """A non-finite loss or gradient under on_nonfinite=error; the stage adds how to resume."""
 
 
-# -- finding where a non-finite value first appears -------------------------------------------
-
-
-def locate_nonfinite(engine, model: nn.Module, batch: Collated) -> str:
-    """Replay `batch` through the wrapped `model` with finiteness hooks on every module; returns
-    "first non-finite ..." naming the first module whose output (forward, in execution order) or
-    output gradient (backward, in backward order) was non-finite, or the first parameter gradient.
-    Gradients it leaves are dropped."""
-    inner = engine.unwrap(model)
-    found: list[str] = []
-    handles = []
-
-    def finite(value) -> bool:
-        tensors = [value] if isinstance(value, torch.Tensor) else [
-            v for v in (value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else [])
-            if isinstance(v, torch.Tensor)
-        ]  # fmt: skip
-        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
-
-    def watch(name: str, module: nn.Module) -> None:
-        def on_output(_module, _inputs, output):
-            if not found and not finite(output):
-                found.append(f"first non-finite output in {name} ({type(module).__name__})")
-            tensor = output if isinstance(output, torch.Tensor) else next(
-                (o for o in (output if isinstance(output, (tuple, list)) else []) if isinstance(o, torch.Tensor)), None
-            )  # fmt: skip
-            if tensor is not None and tensor.requires_grad:
-                tensor.register_hook(lambda grad: on_grad(grad))
-
-        def on_grad(grad):
-            if not found and not bool(torch.isfinite(grad).all()):
-                found.append(f"first non-finite output gradient in {name} ({type(module).__name__})")
-
-        handles.append(module.register_forward_hook(on_output))
-
-    for name, module in inner.named_modules():
-        if name:
-            watch(name.removeprefix("lm.base_model.model."), module)
-    try:
-        with engine.accelerator.no_sync(model):
-            loss = sum(model(**m.to(engine.device).model_inputs()) * m.weight for m in batch.micro_batches)
-            if not found and torch.isfinite(loss):
-                loss.backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not found:
-        bad = [
-            n for n, p in inner.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()
-        ]
-        found.append(
-            f"first non-finite parameter gradient: {bad[0]}"
-            if bad
-            else "the replay of that batch was finite (a non-deterministic kernel?)"
-        )
-    for p in inner.parameters():
-        p.grad = None
-    return found[0]
-
-
 # -- the finetune step, and the builder every caller uses --------------------------------------
-
-
-def make_collator(settings, engine, model: nn.Module, pad_id: int, grad_accum: int) -> Collator:
-    """A training step's collator: packed rows where the model allows (AnswerLM.packed), this
-    process's share of each global batch."""
-    return Collator(
-        pad_id=pad_id,
-        packed=model.packed,
-        pack_tokens=settings.pack_tokens,
-        multiple=settings.pad_to_multiple_of,
-        num_processes=engine.num_processes,
-        process_index=engine.process_index,
-        grad_accum=grad_accum,
-    )
 
 
 @dataclass

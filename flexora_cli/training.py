@@ -19,9 +19,10 @@ from flexora_cli.checkpoint import Checkpoints, StopRequest
 from flexora_cli.engine import Engine
 from flexora_cli.errors import inject_fault
 from flexora_cli.manifest import Manifest
+from flexora_cli.nonfinite import locate_nonfinite
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
-from flexora_cli.step import NonFiniteError, Readout, TrainStep, locate_nonfinite
+from flexora_cli.step import NonFiniteError, Readout, TrainStep
 
 
 class TrainingLoop:

@@ -121,13 +121,16 @@ def build_model(args: argparse.Namespace, scratch: Path) -> str:
     return str(scratch / "model")
 
 
-def synthetic_rows(args: argparse.Namespace, vocab: int, count: int, seed: int) -> list[dict]:
+def synthetic_rows(args: argparse.Namespace, vocab: int, count: int, seed: int) -> list:
+    """Rows of min-len..max-len random tokens, the last one the answer (data/collate.TrainingRow)."""
+    from flexora_cli.data.collate import TrainingRow
+
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(count):
         length = int(torch.randint(args.min_len, args.max_len + 1, (1,), generator=generator))
         ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (length - 1) + ids[-1:]})
+        rows.append(TrainingRow.of(ids[:-1], ids[-1:]))
     return rows
 
 
@@ -301,8 +304,8 @@ def timed(args: argparse.Namespace, collate, one_step, batches: list[list[dict]]
     return result | {"syncs": syncs.total, "sync_calls": syncs.counts, "ops": ops.counts}
 
 
-def _summary(args, rows: list[dict], seconds: float, setup_rss: float, device: torch.device) -> dict:
-    tokens_per_row = sum(len(r["input_ids"]) for r in rows) / len(rows)
+def _summary(args, rows: list, seconds: float, setup_rss: float, device: torch.device) -> dict:
+    tokens_per_row = sum(len(r) for r in rows) / len(rows)
     tokens = tokens_per_row * args.batch_size * args.steps
     result = {
         "step_s": seconds / args.steps,
@@ -407,9 +410,10 @@ def trace_8b(args: argparse.Namespace) -> None:
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from flexora_cli.data.collate import pack_rows, pad_rows
     from flexora_cli.modeling import lora_config
     from flexora_cli.settings import LoraSettings, ModelSettings
-    from flexora_cli.step import AnswerLM, pack_rows, pad_rows
+    from flexora_cli.step import AnswerLM
     from flexora_cli.tripwires import VocabTensors
 
     config = LlamaConfig(**SIZES["8b"])
@@ -417,7 +421,7 @@ def trace_8b(args: argparse.Namespace) -> None:
         base = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
     lora = get_peft_model(base, lora_config(ModelSettings(name_or_path="8b"), LoraSettings(), None))
     rows = synthetic_rows(args, config.vocab_size, args.batch_size, 0)
-    answers = sum(1 for row in rows for label in row["labels"] if label != -100)
+    answers = sum(row.answer_tokens for row in rows)
     print(f"Llama-3-8B dims on meta tensors: batch {args.batch_size}, {answers} answer tokens")
     ours = pack_rows(rows, 0, 0, 64)
     padded = pad_rows(rows, 0, 64)  # traced without a padding mask: shapes are what matter here

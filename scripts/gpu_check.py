@@ -132,15 +132,17 @@ def scale_check(args, out: Path) -> dict:
     return result
 
 
-def synthetic_rows(args, vocab: int, count: int, seed: int) -> list[dict]:
+def synthetic_rows(args, vocab: int, count: int, seed: int) -> list:
     """Ragged rows (hellaswag-like): a context of min-len..max-len tokens, then 1–8 answer tokens."""
+    from flexora_cli.data.collate import TrainingRow
+
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(count):
         length = int(torch.randint(args.min_len, args.max_len + 1, (1,), generator=generator))
         answer = int(torch.randint(1, 9, (1,), generator=generator))
         ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (length - answer) + ids[length - answer :]})
+        rows.append(TrainingRow.of(ids[: length - answer], ids[length - answer :]))
     return rows
 
 
@@ -213,7 +215,8 @@ def poisoned(one_step, base, at: int):
 def train_loop(args, engine, train_step, model, one_step, batch, steps: int, phases: int) -> dict:
     """Run `steps` steps with the instruments on steps 1–4 and the profiler on 6–8; read the
     guard every 10 steps, as the stages' log steps do."""
-    from flexora_cli.step import NonFiniteError, locate_nonfinite
+    from flexora_cli.nonfinite import locate_nonfinite
+    from flexora_cli.step import NonFiniteError
     from flexora_cli.tripwires import AttentionTripwire, HostSyncCounter
 
     cuda = engine.device.type == "cuda"

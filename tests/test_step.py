@@ -8,6 +8,7 @@ import torch
 
 from flexora_cli.config import load
 from flexora_cli.data.batches import training_features
+from flexora_cli.data.collate import Collator, TrainingRow, pack_rows, pad_rows
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.engine import Engine
@@ -21,7 +22,7 @@ from flexora_cli.modeling import (
     load_tokenizer,
     resolve_precision,
 )
-from flexora_cli.step import AnswerLM, Collator, TrainStep, pack_rows, pad_rows
+from flexora_cli.step import AnswerLM, TrainStep
 
 
 @pytest.fixture()
@@ -33,7 +34,7 @@ def tiny(tiny_cfg):
     rows = training_features(
         tokenizer, build_prompts(examples, settings.dataset.prompt, "completion"), settings.max_length
     )
-    assert len({len(r["input_ids"]) for r in rows}) > 1
+    assert len({len(r) for r in rows}) > 1
     return settings, tokenizer, rows
 
 
@@ -63,8 +64,8 @@ def one_by_one_loss(model, rows) -> torch.Tensor:
     """The plain way: each row alone, unpadded, full logits, through the peft model's own forward."""
     total = torch.zeros(())
     for row in rows:
-        logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
-        labels = torch.tensor(row["labels"][1:])
+        logits = model(input_ids=torch.tensor([row.input_ids])).logits[0, :-1]
+        labels = torch.tensor(row.labels[1:])
         total = total + torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
     return total
 
@@ -75,9 +76,9 @@ def gradients(model) -> dict[str, torch.Tensor]:
 
 def test_pack_rows_restarts_positions_and_scores_answers_only():
     rows = [
-        {"input_ids": [1, 2, 3], "labels": [-100, -100, 3]},
-        {"input_ids": [1, 4, 5, 6, 7], "labels": [-100, -100, -100, 6, 7]},
-        {"input_ids": [1, 8], "labels": [-100, 8]},
+        TrainingRow.of([1, 2], [3]),
+        TrainingRow.of([1, 4, 5], [6, 7]),
+        TrainingRow.of([1], [8]),
     ]
     batch = pack_rows(rows, pad_id=0, pack_tokens=0, multiple=4)  # capacity 8: [5+3, 2+pad]
     assert batch.input_ids.tolist() == [[1, 4, 5, 6, 7, 1, 2, 3], [1, 8, 0, 0, 0, 0, 0, 0]]
@@ -134,7 +135,7 @@ def test_micro_batches_take_the_same_step(tiny, grad_accum):
     assert float(split) == pytest.approx(float(one), rel=1e-6)
     for name, grad in gradients(model).items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7)
-    tokens = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
+    tokens = sum(r.answer_tokens for r in rows)
     assert float(one) == pytest.approx(float(one_by_one_loss(model.lm, rows).detach()) / tokens, rel=1e-5)
 
 

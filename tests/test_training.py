@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flexora_cli.data.collate import Collator
 from flexora_cli.engine import Engine
 from flexora_cli.errors import TrainingError
 from flexora_cli.stages import finetune, search, select
-from flexora_cli.step import AnswerLM, Collator, TrainStep, adamw_with_schedule, trainable_parameters
+from flexora_cli.step import AnswerLM, TrainStep, adamw_with_schedule, trainable_parameters
 from tests.conftest import poison_layer
 from tests.test_step import lora_model, tiny  # noqa: F401  (fixture)
 

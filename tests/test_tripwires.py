@@ -14,13 +14,14 @@ from peft import LoraConfig, get_peft_model
 
 from flexora_cli.config import load
 from flexora_cli.data.batches import training_features
+from flexora_cli.data.collate import Collator, TrainingRow
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.method import LayerGates
 from flexora_cli.modeling import load_tokenizer
 from flexora_cli.scoring import score
-from flexora_cli.step import AnswerLM, Collator, TrainStep, adamw_with_schedule, trainable_parameters
+from flexora_cli.step import AnswerLM, TrainStep, adamw_with_schedule, trainable_parameters
 from flexora_cli.tripwires import AttentionTripwire, HostSyncCounter, fully_masked_rows
 
 FAMILIES = ("llama", "mistral", "gemma", "qwen2")
@@ -52,8 +53,8 @@ def demo_rows(demo_dir):
     lettered = training_features(tokenizer, build_prompts(examples[:1], settings.dataset.prompt, "mcq"), 128)[
         0
     ]
-    assert max(len(r["input_ids"]) for r in rows) < 33 < len(lettered["input_ids"])
-    rows.append({"input_ids": lettered["input_ids"][-33:], "labels": lettered["labels"][-33:]})
+    assert max(len(r) for r in rows) < 33 < len(lettered)
+    rows.append(TrainingRow(lettered.input_ids[-33:], lettered.labels[-33:]))
     return tokenizer, rows, prompts
 
 
@@ -104,12 +105,12 @@ def test_the_tripwire_catches_left_padding(demo_rows, attention):
     """The collation of before (left padding with a padding mask) trips it."""
     tokenizer, rows, _ = demo_rows
     lm = tiny_family("llama", len(tokenizer), attention)
-    width = max(len(r["input_ids"]) for r in rows)
+    width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row["input_ids"]) :] = torch.tensor(row["input_ids"])
-        attention_mask[i, width - len(row["input_ids"]) :] = 1
+        input_ids[i, width - len(row) :] = torch.tensor(row.input_ids)
+        attention_mask[i, width - len(row) :] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with AttentionTripwire() as wire:
         lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)

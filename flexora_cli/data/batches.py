@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from transformers import PreTrainedTokenizerBase
 
+from flexora_cli.data.collate import TrainingRow
 from flexora_cli.data.prompts import Prompt
 
 
@@ -58,13 +59,10 @@ def split_pairs(
 
 def training_features(
     tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_length: int
-) -> list[dict]:
-    """input_ids and labels (-100 on the context) for the gold continuation of each prompt."""
+) -> list[TrainingRow]:
+    """The training row (loss on the answer only) of each prompt's gold continuation."""
     pairs = [(prompt.contexts[prompt.gold], prompt.continuations[prompt.gold]) for prompt in prompts]
-    return [
-        {"input_ids": context_ids + answer_ids, "labels": [-100] * len(context_ids) + answer_ids}
-        for context_ids, answer_ids in split_pairs(tokenizer, pairs, max_length)
-    ]
+    return [TrainingRow.of(context, answer) for context, answer in split_pairs(tokenizer, pairs, max_length)]
 
 
 class Batches:
@@ -75,7 +73,7 @@ class Batches:
     examples of similar length (little padding) in an order that is still random.
     """
 
-    def __init__(self, features: list[dict], batch_size: int, seed: int, group_by_length: bool = True):
+    def __init__(self, features: list[TrainingRow], batch_size: int, seed: int, group_by_length: bool = True):
         self.features, self.batch_size, self.seed = features, batch_size, seed
         self.group_by_length = group_by_length
 
@@ -89,7 +87,7 @@ class Batches:
         rng.shuffle(order)
         if self.group_by_length:
             window = 50 * self.batch_size
-            length = {i: len(self.features[i]["input_ids"]) for i in order}
+            length = {i: len(self.features[i]) for i in order}
             order = [
                 i
                 for start in range(0, len(order), window)
@@ -100,7 +98,7 @@ class Batches:
             rng.shuffle(batches)
         return batches
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[list[dict]]:
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[list[TrainingRow]]:
         """The batches of one epoch in its seeded order, from batch `skip` on (to resume)."""
         for indices in self.order(epoch)[skip:]:
             yield [self.features[i] for i in indices]
@@ -110,7 +108,7 @@ class Batches:
         epochs, offset = divmod(steps, len(self))
         return epochs * len(self.features) + sum(len(b) for b in self.order(epochs)[:offset])
 
-    def forever(self, skip: int = 0) -> Iterator[list[dict]]:
+    def forever(self, skip: int = 0) -> Iterator[list[TrainingRow]]:
         """Cycle through epochs (for the α step's validation batches), from batch `skip` on."""
         epoch, skip = divmod(skip, len(self))
         while True:

@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from flexora_cli.data.collate import Collated, MicroBatch
 from flexora_cli.errors import ConfigError
 from flexora_cli.method.gates import LayerGates
 from flexora_cli.settings import one_of
-from flexora_cli.step import Collated, MicroBatch, TrainStep
+from flexora_cli.step import TrainStep
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6)
 

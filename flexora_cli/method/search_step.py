@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from flexora_cli.data.collate import Collated, make_collator
 from flexora_cli.method.gates import LayerGates, gated_lora_model
 from flexora_cli.method.hypergradient import DropoutOff, make_hypergradient
 from flexora_cli.settings import SearchSettings
-from flexora_cli.step import (
-    BuiltStep,
-    Collated,
-    TrainStep,
-    adamw_with_schedule,
-    make_collator,
-    trainable_parameters,
-)
+from flexora_cli.step import BuiltStep, TrainStep, adamw_with_schedule, trainable_parameters
 
 
 def search_optimizers(lora: list, gates: LayerGates, search: SearchSettings, total_steps: int) -> tuple:

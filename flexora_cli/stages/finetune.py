@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from flexora_cli import report
 from flexora_cli.data.batches import Batches, training_features
+from flexora_cli.data.collate import Collated, prefetched
 from flexora_cli.data.datasets import Part, load_part
 from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
@@ -31,7 +32,7 @@ from flexora_cli.modeling import attach_lora, load_model, load_tokenizer, save_i
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
-from flexora_cli.step import AnswerLM, Collated, Readout, build_lora_step, prefetched, seed_everything
+from flexora_cli.step import AnswerLM, Readout, build_lora_step, seed_everything
 from flexora_cli.training import TrainingLoop
 
 

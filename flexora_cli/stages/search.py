@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from flexora_cli import report
 from flexora_cli.data.batches import Batches, training_features
+from flexora_cli.data.collate import prefetched
 from flexora_cli.data.datasets import carve_validation, load_part, part_split
 from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
@@ -33,7 +34,7 @@ from flexora_cli.modeling import load_model, load_tokenizer, lora_params_per_lay
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, planted_layers, setup
-from flexora_cli.step import Readout, prefetched, seed_everything
+from flexora_cli.step import Readout, seed_everything
 from flexora_cli.training import TrainingLoop
 
 

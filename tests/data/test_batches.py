@@ -5,20 +5,21 @@ from __future__ import annotations
 import random
 
 from flexora_cli.data.batches import Batches
+from flexora_cli.data.collate import TrainingRow
 
 
-def features(n: int, seed: int = 0) -> list[dict]:
+def features(n: int, seed: int = 0) -> list[TrainingRow]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         context, answer = rng.randint(1, 60), rng.randint(1, 4)
-        rows.append({"input_ids": [7] * (context + answer), "labels": [-100] * context + [5] * answer})
+        rows.append(TrainingRow.of([7] * context, [5] * answer))
     return rows
 
 
 def padding(batches: list[list[dict]]) -> float:
-    slots = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
-    return 1 - sum(len(r["input_ids"]) for b in batches for r in b) / slots
+    slots = sum(len(b) * max(len(r) for r in b) for b in batches)
+    return 1 - sum(len(r) for b in batches for r in b) / slots
 
 
 def test_each_epoch_holds_every_example_once_in_a_seeded_order():

@@ -17,11 +17,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
+from flexora_cli.data.collate import Collator, TrainingRow
 from flexora_cli.engine import Engine
 from flexora_cli.method import LayerGates
 from flexora_cli.method.hypergradient import DropoutOff, make_hypergradient
 from flexora_cli.settings import Settings
-from flexora_cli.step import AnswerLM, Collator, TrainStep, adamw_with_schedule, trainable_parameters
+from flexora_cli.step import AnswerLM, TrainStep, adamw_with_schedule, trainable_parameters
 
 LAYERS = 3
 
@@ -150,7 +151,7 @@ def rows(generator: torch.Generator, count: int) -> list[dict]:
     for _ in range(count):
         length = int(torch.randint(6, 12, (1,), generator=generator))
         ids = torch.randint(1, 40, (length,), generator=generator).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * (length - 2) + ids[-2:]})
+        out.append(TrainingRow.of(ids[:-2], ids[-2:]))
     return out
 
 
