@@ -3,13 +3,17 @@
 The same command runs as one process (`flexora search ...`) or as many
 (`accelerate launch --num_processes 8 -m flexora_cli search ...`, DDP; FSDP with an accelerate
 config, docs/distributed.md). The training step itself (global batches dealt to processes and
-micro-batches, the loss, the guarded update) is step.py's.
+micro-batches, the loss, the guarded update) is step.py's. The launch's size and the protocol by
+which one process's failure becomes every process's one `error:` line (launch_error) are here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +21,9 @@ import torch
 from torch import nn
 
 from flexora_cli import report
-from flexora_cli.errors import ConfigError
+from flexora_cli.errors import ConfigError, FlexoraError, TrainingError
 from flexora_cli.modeling import emulates_bf16, resolve_device, resolve_precision
+from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings, flatten
 
 _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -155,3 +160,53 @@ class Engine:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
+
+
+# -- a multi-process launch: its size, and how one process's failure reaches the others --------
+_STARTED = time.time()
+
+
+def launch_size() -> int:
+    """Processes in this launch, as the launcher (torchrun, `accelerate launch`) set WORLD_SIZE:
+    known before accelerate starts, e.g. when the config fails to load. Engine.num_processes is
+    accelerate's reading of the same launch."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_error(run_dir: RunDir, exc: BaseException) -> BaseException:
+    """The error this process ends with. In a multi-process launch the first process to fail
+    leaves its error in out_dir/.failed; the others (stopped by the launcher or by a broken
+    collective) end with that same error, so every log names the cause. Elsewhere: `exc`."""
+    if launch_size() == 1:
+        return exc
+    first = isinstance(exc, FlexoraError) and run_dir.launch_failure(_STARTED - 1) is None
+    if first and run_dir.claim_launch_failure(str(exc), exc.exit_code):
+        return exc
+    shared = _wait_for_launch_failure(run_dir, wait=5.0)
+    if shared is not None:
+        error = TrainingError(shared["message"])
+        error.exit_code = shared["exit_code"]
+        return error
+    if isinstance(exc, RuntimeError):  # a collective broken by a process that died without a word
+        text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())  # gloo's "[source:line]" prefix
+        first = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__
+        return TrainingError(
+            f"another process of this launch stopped without an error message ({first}); see its log"
+        )
+    return exc
+
+
+def _wait_for_launch_failure(run_dir: RunDir, wait: float) -> dict | None:
+    """The launch's first error, waiting up to `wait` seconds for the failing process to write it."""
+    deadline = time.monotonic() + wait
+    while (failure := run_dir.launch_failure(_STARTED - 1)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return failure
+
+
+def wait_for_other_processes() -> None:
+    """A barrier across the launch (the next stage reads what the main process just wrote)."""
+    if launch_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()

@@ -23,6 +23,7 @@ from typing import Any
 
 from flexora_cli import __version__, report
 from flexora_cli.errors import ConfigError, DamagedArtifactError, MissingArtifactError
+from flexora_cli.records import ManifestEntry
 from flexora_cli.rundir import MODEL_CARD, RunDir, now, sha256_of
 from flexora_cli.settings import Settings
 from flexora_cli.stage_table import BY_NAME
@@ -91,8 +92,9 @@ class Completion:
     """It was complete, but its outputs are damaged or its inputs changed since: worth a warning."""
 
 
-class Manifest:
-    """The run directory's manifest: stage status, settings and verified outputs."""
+class ManifestFile:
+    """out_dir/manifest.json as typed entries: read (a damaged file is rebuilt from the stages'
+    outputs.json records), and the writes that mark a stage running, complete or failed."""
 
     _warned: set[str] = set()  # damaged manifests already reported by this process
 
@@ -100,47 +102,48 @@ class Manifest:
         self.run_dir = run_dir
         self.path = run_dir.manifest_json
 
-    # -- reading (a damaged manifest is rebuilt from the stages' records) -----------------------
-    def read(self) -> dict:
+    # -- reading -------------------------------------------------------------------------------
+    def entries(self) -> dict[str, ManifestEntry]:
+        """Stage folder → its entry."""
         problem = None
         if self.path.exists():
             try:
                 manifest = json.loads(self.path.read_text())
                 if isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict):
-                    return manifest
+                    return {k: ManifestEntry.from_json(e, self.path) for k, e in manifest["stages"].items()}
                 problem = "it does not hold a manifest"
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, DamagedArtifactError) as exc:
                 problem = f"unreadable: {str(exc).splitlines()[0][:80]}"
         return self._rebuild(problem)
 
-    def _rebuild(self, problem: str | None) -> dict:
-        manifest: dict = {"version": __version__, "stages": {}}
-        for record in sorted(self.run_dir.root.glob(f"*/{RECORD}")) + sorted(
+    def _rebuild(self, problem: str | None) -> dict[str, ManifestEntry]:
+        entries: dict[str, ManifestEntry] = {}
+        records = sorted(self.run_dir.root.glob(f"*/{RECORD}")) + sorted(
             self.run_dir.root.glob(f"eval/*/{RECORD}")
-        ):
+        )
+        for record in records:
             try:
-                entry = json.loads(record.read_text())
-                manifest["stages"][entry["folder"]] = entry
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                entry = ManifestEntry.from_json(json.loads(record.read_text()), record)
+                entries[entry.folder] = entry
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, DamagedArtifactError, TypeError):
                 continue  # a damaged record: that stage counts as not run
         if problem is not None and str(self.path) not in self._warned:
             self._warned.add(str(self.path))
-            found = ", ".join(manifest["stages"]) or "none"
             report.warn(
                 f"{self.path} is damaged ({problem}); rebuilt it from the stages' "
-                f"{RECORD} records (complete stages found: {found})"
+                f"{RECORD} records (complete stages found: {', '.join(entries) or 'none'})"
             )
-            self._write(manifest)
-        return manifest
+            self._write(entries)
+        return entries
 
-    def entry(self, key: str) -> dict:
-        return self.read()["stages"].get(key, {})
+    def entry(self, key: str) -> ManifestEntry | None:
+        return self.entries().get(key)
 
     # -- writing ------------------------------------------------------------------------------
-    def _write(self, manifest: dict) -> None:
+    def _write(self, entries: dict[str, ManifestEntry]) -> None:
         if self.run_dir.writes:
-            manifest["version"] = __version__
-            self.run_dir.write_json(self.path, manifest)
+            stages = {key: entry.to_json() for key, entry in entries.items()}
+            self.run_dir.write_json(self.path, {"version": __version__, "stages": stages})
 
     def begin(self, stage: str, settings: Settings, key: str | None = None) -> None:
         """Record the stage as running (its previous result is being replaced) and write the
@@ -152,15 +155,9 @@ class Manifest:
         key = key or stage
         config = OmegaConf.to_yaml(OmegaConf.structured(settings))
         self.run_dir.write_text(self.run_dir.root / key / "config.yaml", config)
-        manifest = self.read()
-        manifest["stages"][key] = {
-            "status": "running",
-            "config_hash": stage_hash(stage, settings),
-            "started": now(),
-            "ended": None,
-            "pid": os.getpid(),
-        }
-        self._write(manifest)
+        entries = self.entries()
+        entries[key] = ManifestEntry("running", stage_hash(stage, settings), started=now(), pid=os.getpid())
+        self._write(entries)
 
     def complete(
         self,
@@ -179,65 +176,69 @@ class Manifest:
         if not self.run_dir.writes:
             return
         key = key or stage
-        manifest = self.read()
+        entries = self.entries()
         files = fingerprint(outputs, self.run_dir.root)
-        logged = fingerprint(list(logs), self.run_dir.root)
-        entry = manifest["stages"].get(key, {}) | {
-            "status": "complete",
-            "ended": now(),
-            "folder": key,
-            "config_hash": stage_hash(stage, settings),
-            "settings": stage_settings(stage, settings),
-            "inputs": {up: manifest["stages"].get(up, {}).get("digest") for up in inputs},
-            "files": files | logged,
-            "digest": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
-            **summary,
-        }
-        entry.pop("error", None)
-        self.run_dir.write_json(self.run_dir.root / key / RECORD, entry)
-        manifest["stages"][key] = entry
-        self._write(manifest)
+        running = entries.get(key)
+        entry = ManifestEntry(
+            "complete",
+            stage_hash(stage, settings),
+            started=running.started if running else None,
+            ended=now(),
+            pid=running.pid if running else None,
+            folder=key,
+            settings=stage_settings(stage, settings),
+            inputs={up: entries[up].digest if up in entries else None for up in inputs},
+            files=files | fingerprint(list(logs), self.run_dir.root),
+            digest=hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
+            summary=summary,
+        )
+        self.run_dir.write_json(self.run_dir.root / key / RECORD, entry.to_json())
+        entries[key] = entry
+        self._write(entries)
 
     def mark_failed(self, error: BaseException) -> None:
         """Record `error` on the stages this process left running (failed, or interrupted)."""
         if not self.run_dir.writes or not self.path.exists():
             return
-        manifest = self.read()
-        running = [
-            e
-            for e in manifest["stages"].values()
-            if e.get("status") == "running" and e.get("pid") == os.getpid()
-        ]
+        entries = self.entries()
+        running = [e for e in entries.values() if e.status == "running" and e.pid == os.getpid()]
         if not running:
             return
         status = "interrupted" if getattr(error, "exit_code", None) == 130 else "failed"
         for entry in running:
-            entry.update(status=status, ended=now(), error=" ".join(str(error).split()))
-        self._write(manifest)
+            entry.status, entry.ended, entry.error = status, now(), " ".join(str(error).split())
+        self._write(entries)
 
-    # -- trusting ----------------------------------------------------------------------------
+
+class Manifest(ManifestFile):
+    """What a stage may trust of the manifest: whether a stage is complete and current, and the
+    refusals to build on damaged or other-settings outputs, or to replace a result silently."""
+
     def problems(self, key: str) -> list[str]:
         """Why `key`'s complete outputs cannot be trusted: missing, resized or changed files."""
         entry = self.entry(key)
-        return file_problems(entry.get("files", {}), self.run_dir.root, f"`flexora {key.split('/')[0]}`")
+        files = entry.files if entry else {}
+        return file_problems(files, self.run_dir.root, f"`flexora {key.split('/')[0]}`")
 
     def stale_inputs(self, key: str) -> list[str]:
         """The upstream stages whose outputs changed since `key` was built from them."""
-        stages = self.read()["stages"]
-        inputs = stages.get(key, {}).get("inputs", {})
-        return [up for up, digest in inputs.items() if stages.get(up, {}).get("digest") != digest]
+        entries = self.entries()
+        inputs = entries[key].inputs if key in entries else {}
+        return [
+            up for up, digest in inputs.items() if (entries[up].digest if up in entries else None) != digest
+        ]
 
     def completion(self, stage: str, settings: Settings, key: str | None = None) -> Completion:
         """Whether the stage is complete with these settings, from current inputs, and verified."""
         key = key or stage
         entry = self.entry(key)
-        if entry.get("status") != "complete":
-            return Completion(False, f"{entry['status']} last time" if entry.get("status") else "not run yet")
+        if entry is None or not entry.complete:
+            return Completion(False, f"{entry.status} last time" if entry else "not run yet")
         if stale := self.stale_inputs(key):
             return Completion(
                 False, f"built from {', '.join(stale)} outputs that have changed since", lost=True
             )
-        if entry.get("config_hash") != stage_hash(stage, settings):
+        if entry.config_hash != stage_hash(stage, settings):
             return Completion(False, "made with other settings")
         if problems := self.problems(key):
             return Completion(False, f"its outputs are damaged: {'; '.join(problems[:3])}", lost=True)
@@ -250,12 +251,12 @@ class Manifest:
         """
         entry = self.entry(stage)
         rerun = f"rerun `flexora {stage}` (force=true replaces it) or `flexora run`"
-        if not entry:
+        if entry is None:
             return
-        if entry.get("status") != "complete":
+        if not entry.complete:
             raise MissingArtifactError.because(
                 f"{this_stage} needs a complete {stage} in {self.run_dir.stage_dir(stage)}, but its last "
-                f"run {entry.get('status')}; {rerun}"
+                f"run {entry.status}; {rerun}"
             )
         if problems := self.problems(stage):
             raise DamagedArtifactError(
@@ -265,7 +266,8 @@ class Manifest:
     def check_upstream(self, upstream: str, this_stage: str, settings: Settings) -> None:
         """Refuse to build on `upstream`'s outputs if they are damaged or were made with other settings."""
         self.require(upstream, this_stage)
-        saved = self.entry(upstream).get("settings") or self._saved_config(upstream)
+        entry = self.entry(upstream)
+        saved = (entry.settings if entry else None) or self._saved_config(upstream)
         if saved is None:
             return
         differing = settings_differences(saved, stage_settings(upstream, settings))
@@ -289,11 +291,11 @@ class Manifest:
         """The settings that differ between these and `key`'s complete, current result ([] when
         there is none, with force=true, or when its inputs have changed since: it is stale)."""
         entry = self.entry(key)
-        if settings.force or entry.get("status") != "complete" or self.stale_inputs(key):
+        if settings.force or entry is None or not entry.complete or self.stale_inputs(key):
             return []
-        if entry.get("config_hash") == stage_hash(stage, settings):
+        if entry.config_hash == stage_hash(stage, settings):
             return []
-        return settings_differences(entry.get("settings", {}), stage_settings(stage, settings))
+        return settings_differences(entry.settings or {}, stage_settings(stage, settings))
 
     def check_overwrite(self, stage: str, settings: Settings, key: str | None = None) -> None:
         """Refuse to replace a complete, current result made with other settings (force=true may)."""

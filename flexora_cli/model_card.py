@@ -8,7 +8,8 @@ from __future__ import annotations
 from flexora_cli import report
 from flexora_cli.data.datasets import part_split
 from flexora_cli.method.results import SearchResult, Selection
-from flexora_cli.rundir import MODEL_CARD, RunDir, read_json
+from flexora_cli.records import EvalMetrics, FinetuneLog, Score
+from flexora_cli.rundir import MODEL_CARD, RunDir
 from flexora_cli.settings import Settings
 
 
@@ -17,8 +18,10 @@ def write_model_card(run_dir: RunDir, settings: Settings, stage: str) -> None:
     alpha = SearchResult.read(run_dir.alpha_json, "search", stage) if run_dir.alpha_json.is_file() else None
     selection = Selection.read(run_dir.selection_json, "select", stage)
     log = run_dir.finetune_log_json
-    train_log = read_json(log, "finetune", stage) if log.is_file() else {}
-    metrics = read_json(run_dir.metrics_json, "eval", stage) if run_dir.metrics_json.is_file() else None
+    train_log = FinetuneLog.read(log, "finetune", stage) if log.is_file() else None
+    metrics = (
+        EvalMetrics.read(run_dir.metrics_json, "eval", stage) if run_dir.metrics_json.is_file() else None
+    )
     sections = [
         _header(settings, selection),
         _ranking(alpha, selection),
@@ -57,7 +60,7 @@ def _ranking(alpha: SearchResult | None, selection: Selection) -> str:
     )
 
 
-def _training(settings: Settings, train_log: dict) -> str:
+def _training(settings: Settings, train_log: FinetuneLog | None) -> str:
     chat = ", inside the tokenizer's chat template" if settings.model.chat_template else ""
     lines = [
         f"- data: {settings.dataset.name} ({part_split(settings.dataset, 'train')} split), "
@@ -66,27 +69,25 @@ def _training(settings: Settings, train_log: dict) -> str:
         f"batch {settings.finetune.batch_size}, seed {settings.seed}",
     ]
     if train_log:
-        lines.append(f"- {train_log.get('steps')} steps on {train_log.get('examples')} examples")
+        lines.append(f"- {train_log.steps} steps on {train_log.examples} examples")
     return "## Training\n\n" + "\n".join(lines)
 
 
-def _evaluation(metrics: dict | None) -> str:
+def _evaluation(metrics: EvalMetrics | None) -> str:
     if metrics is None:
         return "## Evaluation\n\nNot evaluated yet (`flexora eval` adds the table here)."
     rows = [
-        [dataset, metrics["splits"].get(dataset, ""), variant, str(m.get("n", "")), *_accuracy(m)]
-        for dataset, result in metrics["results"].items()
-        for variant, m in result.items()
+        [dataset, metrics.splits.get(dataset, ""), variant, str(score.n), *_accuracy(score)]
+        for dataset, scores in metrics.results.items()
+        for variant, score in scores.items()
     ]
     columns = ["dataset", "split", "model", "n", "acc", "acc_norm"]
     return f"## Evaluation ({report.evaluated_with(metrics)})\n\n" + report.markdown_table(columns, rows)
 
 
-def _accuracy(metrics: dict) -> list[str]:
-    return [
-        f"{metrics[k]:.4f} ± {metrics.get(f'{k}_stderr', 0):.4f}" if k in metrics else "–"
-        for k in ("acc", "acc_norm")
-    ]
+def _accuracy(score: Score) -> list[str]:
+    pairs = ((score.acc, score.acc_stderr), (score.acc_norm, score.acc_norm_stderr))
+    return [f"{value:.4f} ± {stderr or 0:.4f}" if value is not None else "–" for value, stderr in pairs]
 
 
 def _usage(settings: Settings, run_dir: RunDir) -> str:

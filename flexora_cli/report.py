@@ -23,6 +23,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from flexora_cli.records import EvalMetrics
+
 _PIPE_WIDTH = 1000  # a pipe or file has no width: wide enough that no table is cut
 
 
@@ -157,22 +159,21 @@ def stage_panel(stage: str, facts: list[str], files: list[Path]) -> Panel:
     return Panel("\n".join(lines).rstrip(), title=f"[bold]{stage} done", title_align="left", expand=False)
 
 
-def metrics_table(summary: dict) -> Table:
+def metrics_table(summary: EvalMetrics) -> Table:
     """eval/metrics.json as a table: one row per dataset and model variant."""
-    rows = [(d, v, m) for d, result in summary["results"].items() for v, m in result.items()]
-    with_norm = any("acc_norm" in m for _, _, m in rows)
+    rows = [(d, v, s) for d, scores in summary.results.items() for v, s in scores.items()]
+    with_norm = any(s.acc_norm is not None for _, _, s in rows)
     table = Table(title=escape(f"Accuracy ({evaluated_with(summary)})"))
     columns = ["dataset", "split", "n", "model", "acc", "± stderr"] + (
         ["acc_norm", "± stderr"] if with_norm else []
     )
     for column in columns:
         table.add_column(column, justify="left" if column in ("dataset", "split", "model") else "right")
-    for dataset, variant, metrics in rows:
-        cells = [escape(dataset), escape(summary["splits"][dataset]), str(metrics["n"]), escape(variant)]
-        cells += [f"{metrics['acc']:.4f}", f"{metrics['acc_stderr']:.4f}"] if "acc" in metrics else ["–", ""]
+    for dataset, variant, score in rows:
+        cells = [escape(dataset), escape(summary.splits[dataset]), str(score.n), escape(variant)]
+        cells += _with_stderr(score.acc, score.acc_stderr)
         if with_norm:
-            has = "acc_norm" in metrics
-            cells += [f"{metrics['acc_norm']:.4f}", f"{metrics['acc_norm_stderr']:.4f}"] if has else ["–", ""]
+            cells += _with_stderr(score.acc_norm, score.acc_norm_stderr)
         table.add_row(*cells)
     return table
 
@@ -184,10 +185,13 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluated_with(summary: dict) -> str:
+def _with_stderr(value: float | None, stderr: float | None) -> list[str]:
+    return ["–", ""] if value is None else [f"{value:.4f}", f"{stderr:.4f}"]
+
+
+def evaluated_with(summary: EvalMetrics) -> str:
     """What scored eval/metrics.json: `mcq format`, `completion format` or `lm-eval 0.4.13`."""
-    evaluator = summary.get("evaluator", "flexora")
-    return f"{summary['format']} format" if evaluator == "flexora" else evaluator
+    return f"{summary.format} format" if summary.evaluator == "flexora" else summary.evaluator
 
 
 def plot_alpha(alpha: list[float], history: list[dict], selected: list[int] | None = None):

@@ -24,7 +24,7 @@ from typing import Any
 MODEL_CARD = "README.md"
 """The adapter's model card (model_card.py): documentation, rewritten by eval, so not verified."""
 LAUNCH_FAILURE = ".failed"
-"""out_dir/.failed: the first error of a multi-process launch, for the other processes (stages.locked)."""
+"""out_dir/.failed: the first error of a multi-process launch, for the other processes (engine.launch_error)."""
 
 
 def is_main_process() -> bool:
@@ -146,6 +146,26 @@ class RunDir:
                 for p in left:
                     p.unlink(missing_ok=True)
                 self.root.rmdir()
+
+    # -- a multi-process launch's first failure (written by whichever process fails first) ------
+    def claim_launch_failure(self, message: str, exit_code: int) -> bool:
+        """Leave this launch's first error in out_dir/.failed; False when another process was
+        first. Any process writes it (not only the main one): the first to fail may be any."""
+        try:  # O_EXCL: the first failure wins
+            fd = os.open(self.root / LAUNCH_FAILURE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except OSError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"message": message, "exit_code": exit_code, "time": time.time()}, handle)
+        return True
+
+    def launch_failure(self, since: float) -> dict | None:
+        """The error another process of this launch left in out_dir/.failed after `since`."""
+        try:
+            failure = json.loads((self.root / LAUNCH_FAILURE).read_text())
+            return failure if failure["time"] >= since else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     # -- atomic writes ------------------------------------------------------------------------
     def write_json(self, path: Path, obj: Any) -> Path:

@@ -26,6 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from flexora_cli.manifest import ManifestFile
+from flexora_cli.method import SearchResult, Selection
+from flexora_cli.records import EvalMetrics
+from flexora_cli.rundir import RunDir
 from flexora_cli.stage_table import PIPELINE as STAGES
 
 
@@ -45,11 +49,12 @@ def launch(demo: Path, out: Path, log: Path, env: dict | None = None) -> subproc
 
 
 def statuses(out: Path) -> dict[str, str]:
-    try:
-        stages = json.loads((out / "manifest.json").read_text())["stages"]
-        return {s: stages[s].get("status") for s in STAGES if s in stages}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+    """Each stage's status in the run's manifest (written atomically, so always whole), read
+    without ever writing to the run: this script only watches it."""
+    watcher = RunDir(out)
+    watcher.writes = False
+    entries = ManifestFile(watcher).entries()
+    return {s: entries[s].status for s in STAGES if s in entries}
 
 
 def stage_running(out: Path) -> str | None:
@@ -79,14 +84,15 @@ def reference_run(demo: Path, work: Path) -> tuple[dict, dict[str, float]]:
 def results(out: Path) -> dict:
     """What a run found and produced, without timings."""
     digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
-    alpha = json.loads((out / "search" / "alpha.json").read_text())
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())["results"]
+    run_dir = RunDir(out)
+    alpha = SearchResult.read(run_dir.alpha_json, "search", "fault_injection")
+    metrics = EvalMetrics.read(run_dir.metrics_json, "eval", "fault_injection")
     return {
-        "alpha": alpha["alpha"],
-        "alpha_history": [h.get("alpha") for h in alpha["history"]],
-        "layers": json.loads((out / "select" / "selection.json").read_text())["layers"],
+        "alpha": alpha.alpha,
+        "alpha_history": [h.get("alpha") for h in alpha.history],
+        "layers": Selection.read(run_dir.selection_json, "select", "fault_injection").layers,
         "adapter": digest(out / "finetune" / "adapter" / "adapter_model.safetensors"),
-        "accuracy": {d: {v: m["acc"] for v, m in vs.items()} for d, vs in metrics.items()},
+        "accuracy": {d: {v: s.acc for v, s in scores.items()} for d, scores in metrics.results.items()},
         "predictions": digest(out / "eval" / "predictions.jsonl"),
     }
 
@@ -138,8 +144,8 @@ def damage_trial(demo: Path, work: Path, index: int, rng: random.Random, referen
         candidates = sorted(newest.iterdir())
     else:
         shutil.copytree(work / "reference", out)
-        manifest = json.loads((out / "manifest.json").read_text())["stages"]
-        files = [out / name for entry in manifest.values() for name in entry.get("files", {})]
+        entries = ManifestFile(RunDir(out)).entries()
+        files = [out / name for entry in entries.values() for name in entry.files]
         candidates = sorted({*files, out / "manifest.json", *out.glob("*/outputs.json")})
     target = rng.choice(candidates)
     how = rng.choice(["truncate", "corrupt", "delete"])

@@ -147,9 +147,10 @@ def finetuned_accuracy(run_dir: Path, base: list[str], layers) -> tuple[float, f
     spec = "all" if layers == "all" else "[" + ",".join(map(str, layers)) + "]"
     finetune = ["finetune.epochs=1", "dataset.max_train_samples=800", "eval.include_base=true"]
     run_stage("run", [*base, *finetune, f"select.layers={spec}", f"out_dir={run_dir / 'layers' / key}"])
-    metrics = json.loads((run_dir / "layers" / key / "eval" / "metrics.json").read_text())
-    scored = metrics["results"]["demo"]
-    return scored["adapter"]["acc"], scored["base"]["acc"]
+    from flexora_cli.records import EvalMetrics
+
+    metrics = EvalMetrics.read(run_dir / "layers" / key / "eval" / "metrics.json", "eval", "planted_study")
+    return metrics.score("demo", "adapter").acc, metrics.score("demo", "base").acc
 
 
 def run_stage(stage: str, overrides: list[str]):

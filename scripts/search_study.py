@@ -21,6 +21,7 @@ from flexora_cli import report
 from flexora_cli.comparison import SUMMARY_COLUMNS, RunRow, summarise
 from flexora_cli.config import compose, load
 from flexora_cli.method import SearchResult, Selection
+from flexora_cli.records import EvalMetrics, FinetuneLog
 from flexora_cli.rundir import RunDir
 from flexora_cli.stages import run as pipeline
 
@@ -76,22 +77,21 @@ def main() -> None:
 
 def _row(name: str, seed: int, settings) -> RunRow:
     run_dir = RunDir(settings.out_dir)
-    metrics = json.loads((run_dir.root / "eval" / "metrics.json").read_text())
-    scored = metrics["results"][settings.dataset.name]["adapter"]
+    scored = EvalMetrics.read(run_dir.metrics_json, "eval", "study").score(settings.dataset.name, "adapter")
     selection = Selection.read(run_dir.selection_json, "select", "study")
-    finetune = json.loads(run_dir.finetune_log_json.read_text())
+    finetune = FinetuneLog.read(run_dir.finetune_log_json, "finetune", "study")
     return RunRow(
         dataset=settings.dataset.name,
         variant=name,
         layers=selection.layers,
         trainable_params=selection.trainable_params,
-        acc=scored["acc"],
-        acc_stderr=scored["acc_stderr"],
-        n=scored["n"],
+        acc=scored.acc,
+        acc_stderr=scored.acc_stderr,
+        n=scored.n,
         search_s=SearchResult.read(run_dir.alpha_json, "search", "study").seconds,
-        finetune_s=finetune["seconds"],
+        finetune_s=finetune.seconds,
         seed=seed,
-        acc_norm=scored.get("acc_norm"),
+        acc_norm=scored.acc_norm,
     )
 
 

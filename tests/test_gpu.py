@@ -31,7 +31,7 @@ def test_mixed_precision_runs_every_stage(tiny_cfg, precision):
     assert all(math.isfinite(a) for a in results["search"].alpha)
     adapter = load_file(str(Path(cfg.out_dir) / "finetune" / "adapter" / "adapter_model.safetensors"))
     assert {t.dtype for t in adapter.values()} == {torch.float32}  # LoRA masters stay fp32
-    assert 0 <= results["eval"]["results"]["demo"]["adapter"]["acc"] <= 1
+    assert 0 <= results["eval"].score("demo", "adapter").acc <= 1
 
 
 def test_fp16_checkpoints_keep_the_loss_scaler(tiny_cfg):
@@ -51,4 +51,4 @@ def test_qlora_runs_every_stage_on_cuda(tiny_cfg):
     cfg = tiny_cfg("device=cuda", "model.quantization=4bit")
     results = run.run(cfg)
     assert results["search"].precision == "bf16" and any(abs(a) > 1e-4 for a in results["search"].alpha)
-    assert results["eval"]["results"]["demo"]["adapter"]["n"] == 40
+    assert results["eval"].score("demo", "adapter").n == 40

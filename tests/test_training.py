@@ -105,7 +105,7 @@ def test_max_grad_norm_is_recorded(tiny_cfg):
     cfg = tiny_cfg("select.layers=[2,5]", "finetune.max_grad_norm=0.5")
     select.run(cfg)
     result = finetune.run(cfg)
-    assert result["max_grad_norm"] == 0.5 and result["nonfinite_steps_skipped"] == 0
+    assert result.max_grad_norm == 0.5 and result.nonfinite_steps_skipped == 0
     config = (Path(cfg.out_dir) / "finetune" / "config.yaml").read_text()
     assert "max_grad_norm: 0.5" in config
     log = json.loads((Path(cfg.out_dir) / "finetune" / "train_log.json").read_text())

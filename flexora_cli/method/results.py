@@ -1,44 +1,17 @@
 """The method's typed outputs: what the search found (search/alpha.json) and what the selection
-chose (select/selection.json). Every reader goes through these classes, not through string keys."""
+chose (select/selection.json), on records.JsonRecord. Every reader goes through these classes, not
+through string keys."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from flexora_cli.errors import DamagedArtifactError
-from flexora_cli.rundir import read_json
-
-
-class _JsonRecord:
-    """to_json / read for a dataclass whose fields are JSON values."""
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], source: Path | str = "the file", stage: str | None = None):
-        names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}  # fmt: skip
-        missing = sorted(required - set(data)) if isinstance(data, dict) else ["(not an object)"]
-        if missing:
-            raise DamagedArtifactError(
-                f"{source} lacks {', '.join(missing)}: it is damaged or from an older flexora; "
-                f"rerun {f'`flexora {stage}`' if stage else 'the stage that writes it'} with force=true"
-            )
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    @classmethod
-    def read(cls, path: Path, stage: str, this_stage: str):
-        """The record `stage` wrote at `path`, for `this_stage` (one clear line when missing)."""
-        return cls.from_json(read_json(path, stage, this_stage), path, stage)
+from flexora_cli.records import JsonRecord
 
 
 @dataclass
-class SearchResult(_JsonRecord):
+class SearchResult(JsonRecord):
     """search/alpha.json: the gates the search fitted and how the search ran."""
 
     alpha: list[float]
@@ -83,7 +56,7 @@ class SearchResult(_JsonRecord):
 
 
 @dataclass
-class Selection(_JsonRecord):
+class Selection(JsonRecord):
     """select/selection.json: the layers that get LoRA."""
 
     layers: list[int]

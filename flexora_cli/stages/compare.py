@@ -26,7 +26,8 @@ from flexora_cli.comparison import RUN_COLUMNS, SUMMARY_COLUMNS, RunRow, runs_cs
 from flexora_cli.config import dataset_settings
 from flexora_cli.manifest import Manifest
 from flexora_cli.method import SearchResult, Selection
-from flexora_cli.rundir import RunDir, read_json
+from flexora_cli.records import EvalMetrics, FinetuneLog
+from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
 from flexora_cli.stages import run as pipeline
@@ -120,27 +121,27 @@ def _variant(settings: Settings, name: str, layers) -> Settings:
 
 def _row(name: str, run_dir: RunDir, settings: Settings, seed, search_s, base: bool = False) -> RunRow:
     key = Manifest(run_dir).eval_key(settings)  # where run's eval wrote
-    evaluated = read_json(run_dir.root / key / "metrics.json", "eval", "compare")
-    scored = evaluated["results"][settings.dataset.name]["base" if base else "adapter"]
+    evaluated = EvalMetrics.read(run_dir.root / key / "metrics.json", "eval", "compare")
+    scored = evaluated.score(settings.dataset.name, "base" if base else "adapter")
     common = {
         "dataset": settings.dataset.name,
         "variant": name,
-        "acc": scored["acc"],
-        "acc_stderr": scored["acc_stderr"],
-        "acc_norm": scored.get("acc_norm"),
-        "n": scored["n"],
+        "acc": scored.acc,
+        "acc_stderr": scored.acc_stderr,
+        "acc_norm": scored.acc_norm,
+        "n": scored.n,
         "seed": seed,
     }
     if base:
         return RunRow(**common, layers=[], trainable_params=0, search_s=None, finetune_s=None)
     selection = Selection.read(run_dir.selection_json, "select", "compare")
-    finetune = read_json(run_dir.finetune_log_json, "finetune", "compare")
+    finetune = FinetuneLog.read(run_dir.finetune_log_json, "finetune", "compare")
     return RunRow(
         **common,
         layers=selection.layers,
         trainable_params=selection.trainable_params,
         search_s=search_s,
-        finetune_s=finetune["seconds"],
+        finetune_s=finetune.seconds,
     )
 
 

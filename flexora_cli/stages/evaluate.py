@@ -30,6 +30,7 @@ from flexora_cli.errors import ConfigError, ModelError
 from flexora_cli.manifest import Manifest
 from flexora_cli.model_card import write_model_card
 from flexora_cli.modeling import load_model, load_tokenizer
+from flexora_cli.records import EvalMetrics
 from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import choice_metrics, score
 from flexora_cli.settings import Settings
@@ -37,7 +38,7 @@ from flexora_cli.stages import locked, setup
 
 
 @locked
-def run(cfg: DictConfig | Settings) -> dict:
+def run(cfg: DictConfig | Settings) -> EvalMetrics:
     # -- setup -------------------------------------------------------------------------------
     settings, run_dir = setup(cfg)
     manifest = Manifest(run_dir)
@@ -70,21 +71,19 @@ def run(cfg: DictConfig | Settings) -> dict:
         splits = {dataset: split for dataset, (split, *_) in tasks.items()}
 
     # -- save ---------------------------------------------------------------------------------
-    summary = {
-        "model": settings.model.name_or_path,
-        "evaluator": evaluator,
-        "format": eval_format,
-        "variants": {
-            name: (str(path) if path else None) for name, path in {"base": None, **adapters}.items()
-        },
-        "splits": splits,
-        "partitions": {dataset: partition for dataset, (*_, partition) in tasks.items() if partition},
-        "results": results,
-    }
+    summary = EvalMetrics(
+        model=settings.model.name_or_path,
+        evaluator=evaluator,
+        format=eval_format,
+        variants={name: (str(path) if path else None) for name, path in {"base": None, **adapters}.items()},
+        splits=splits,
+        partitions={dataset: partition for dataset, (*_, partition) in tasks.items() if partition},
+        results=results,
+    )
     outputs = [run_dir.root / key / "predictions.jsonl", run_dir.root / key / "metrics.json"]
     run_dir.write_jsonl(outputs[0], rows)
-    run_dir.write_json(outputs[1], summary)
-    accuracies = {f"{d}/{v}_acc": results[d][v].get("acc") for d in results for v in results[d]}
+    run_dir.write_json(outputs[1], summary.to_json())
+    accuracies = {f"{d}/{v}_acc": s.acc for d, scores in summary.results.items() for v, s in scores.items()}
     inputs = ("finetune",) if settings.eval.adapters is None else ()
     manifest.complete("eval", settings, outputs, inputs, key, **accuracies)
     if key == "eval" and settings.eval.adapters is None:  # this run's adapter: its card gets the table

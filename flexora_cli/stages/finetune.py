@@ -29,6 +29,7 @@ from flexora_cli.manifest import Manifest
 from flexora_cli.method import Selection
 from flexora_cli.model_card import write_model_card
 from flexora_cli.modeling import attach_lora, load_model, load_tokenizer, save_initial_adapter
+from flexora_cli.records import FinetuneLog
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
@@ -37,7 +38,7 @@ from flexora_cli.training import TrainingLoop
 
 
 @locked
-def run(cfg: DictConfig | Settings) -> dict:
+def run(cfg: DictConfig | Settings) -> FinetuneLog:
     settings, run_dir = setup(cfg)
     spec = settings.finetune
     manifest = Manifest(run_dir)
@@ -94,7 +95,7 @@ def run(cfg: DictConfig | Settings) -> dict:
     this_run = time.time() - started  # tokens count this run only
     tokens_per_second = round(tokens / this_run, 1) if this_run else None
     result = finetune_result(layers, lora_step.params, batches, engine, loop, tokens_per_second)
-    result["partition"] = part.record()
+    result.partition = part.record()
     write_outputs(run_dir, engine, result)
     write_model_card(run_dir, settings, "finetune")
     loop.finish([run_dir.adapter_dir], inputs=("select",), logs=(run_dir.finetune_log_json,))
@@ -117,35 +118,35 @@ def finetune_result(
     engine: Engine,
     loop: TrainingLoop,
     tokens_per_second: float | None,
-) -> dict:
+) -> FinetuneLog:
     """train_log.json: what was trained and how the run went."""
-    return {
-        "layers": layers,
-        "trainable_params": sum(p.numel() for p in params),
-        "steps": loop.step,
-        "examples": batches.examples_in(loop.step),
-        "dataset_examples": len(batches.features),
-        "seconds": round(loop.seconds(), 2),
-        "tokens_per_second": tokens_per_second,
-        "padding_waste": round(engine.padding_waste(), 4),
-        "num_processes": engine.num_processes,
-        "precision": engine.precision,
-        "max_grad_norm": loop.settings.finetune.max_grad_norm,
-        "nonfinite_steps_skipped": loop.skipped,
-        "history": loop.history,
-    }
+    return FinetuneLog(
+        layers=layers,
+        trainable_params=sum(p.numel() for p in params),
+        steps=loop.step,
+        examples=batches.examples_in(loop.step),
+        dataset_examples=len(batches.features),
+        seconds=round(loop.seconds(), 2),
+        tokens_per_second=tokens_per_second,
+        padding_waste=round(engine.padding_waste(), 4),
+        num_processes=engine.num_processes,
+        precision=engine.precision,
+        max_grad_norm=loop.settings.finetune.max_grad_norm,
+        nonfinite_steps_skipped=loop.skipped,
+        history=loop.history,
+    )
 
 
-def write_outputs(run_dir: RunDir, engine: Engine, result: dict) -> None:
+def write_outputs(run_dir: RunDir, engine: Engine, result: FinetuneLog) -> None:
     """train_log.json, the loss figure and the closing panel."""
-    history = result["history"]
-    run_dir.write_json(run_dir.finetune_log_json, result)
+    history = result.history
+    run_dir.write_json(run_dir.finetune_log_json, result.to_json())
     if history:
         run_dir.save_figure(run_dir.finetune_loss_png, lambda: report.plot_losses(history, ("train_loss",)))
     facts = [
-        f"LoRA on layers {result['layers']}: {result['trainable_params']:,} parameters",
-        f"{result['steps']} steps in {result['seconds']:.0f}s on {engine.num_processes} process(es), "
-        f"{engine.precision}; padding {result['padding_waste']:.0%} of tokens",
+        f"LoRA on layers {result.layers}: {result.trainable_params:,} parameters",
+        f"{result.steps} steps in {result.seconds:.0f}s on {engine.num_processes} process(es), "
+        f"{engine.precision}; padding {result.padding_waste:.0%} of tokens",
     ]
     files = [run_dir.adapter_dir, run_dir.finetune_log_json, run_dir.finetune_loss_png]
     report.result(report.stage_panel("finetune", facts, files + [run_dir.root / "logs" / "finetune"]))

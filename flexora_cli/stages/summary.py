@@ -19,7 +19,8 @@ from rich.table import Table
 from flexora_cli import report
 from flexora_cli.errors import ConfigError
 from flexora_cli.method import Selection
-from flexora_cli.rundir import RunDir, read_json
+from flexora_cli.records import EvalMetrics
+from flexora_cli.rundir import RunDir
 from flexora_cli.settings import flatten
 from flexora_cli.stage_table import PIPELINE
 
@@ -68,9 +69,11 @@ def _row(root: Path, run_dir: Path) -> dict:
         selection = Selection.read(paths.selection_json, "select", "summary")  # damaged: one line
         row.update(layers=selection.layers, trainable_params=selection.trainable_params)
     if paths.metrics_json.exists():
-        for dataset, variants in read_json(paths.metrics_json, "eval", "summary")["results"].items():
-            for variant, scores in variants.items():
-                row[f"{dataset}/{variant}"] = f"{scores['acc']:.4f} ± {scores['acc_stderr']:.4f}"
+        for dataset, scores in EvalMetrics.read(paths.metrics_json, "eval", "summary").results.items():
+            for variant, score in scores.items():
+                row[f"{dataset}/{variant}"] = (
+                    "–" if score.acc is None else f"{score.acc:.4f} ± {score.acc_stderr:.4f}"
+                )
     return row
 
 

@@ -54,14 +54,15 @@ def test_stages_one_by_one(tiny_cfg, demo_dir):
     tuned = finetune.run(cfg)
     adapter = json.loads((run_dir.adapter_dir / "adapter_config.json").read_text())
     assert adapter["layers_to_transform"] == on_disk["layers"]
-    assert tuned["trainable_params"] == on_disk["trainable_params"]
+    assert tuned.trainable_params == on_disk["trainable_params"]
 
     summary = evaluate.run(cfg)
-    assert summary == json.loads(run_dir.metrics_json.read_text())
-    demo = summary["results"]["demo"]
-    assert summary["format"] == "mcq" and summary["splits"] == {"demo": "validation"}
-    assert demo["base"]["n"] == demo["adapter"]["n"] == 40
-    assert "acc_norm" not in demo["adapter"]  # letters: acc only
+    assert summary.to_json() == json.loads(run_dir.metrics_json.read_text())
+    demo = summary.results["demo"]
+    assert summary.format == "mcq" and summary.splits == {"demo": "validation"}
+    assert demo["base"].n == demo["adapter"].n == 40
+    assert demo["adapter"].acc_norm is None  # letters: acc only
+    assert "acc_norm" not in json.loads(run_dir.metrics_json.read_text())["results"]["demo"]["adapter"]
     rows = [json.loads(line) for line in run_dir.predictions_jsonl.read_text().splitlines()]
     assert len(rows) == 40
     for row in rows:
@@ -69,7 +70,7 @@ def test_stages_one_by_one(tiny_cfg, demo_dir):
             scores = row[variant]["scores"]
             assert len(scores) == 4 and row[variant]["predicted"] == scores.index(max(scores))
     for variant in ("base", "adapter"):
-        assert sum(r[variant]["predicted"] == r["gold"] for r in rows) / 40 == demo[variant]["acc"]
+        assert sum(r[variant]["predicted"] == r["gold"] for r in rows) / 40 == demo[variant].acc
 
     manifest = json.loads(run_dir.manifest_json.read_text())
     assert {
@@ -169,11 +170,11 @@ def test_eval_completion_format_several_datasets_and_adapters(tiny_cfg, demo_dir
         "eval.limit=12",
     )
     summary = evaluate.run(cfg)
-    assert summary["format"] == "completion"
-    assert set(summary["results"]) == {"demo", "demo_piqa"}
-    for result in summary["results"].values():
+    assert summary.format == "completion"
+    assert set(summary.results) == {"demo", "demo_piqa"}
+    for result in summary.results.values():
         assert set(result) == {"base", "a", "b"}
-        assert all(m["n"] == 12 and "acc_norm" in m for m in result.values())
+        assert all(s.n == 12 and s.acc_norm is not None for s in result.values())
     # Adapters differ, so their scores do; the base is the base whichever adapter is loaded.
     rows = [json.loads(line) for line in RunDir(cfg.out_dir).predictions_jsonl.read_text().splitlines()]
     assert len(rows) == 24 and any(r["a"]["scores"] != r["b"]["scores"] for r in rows)
@@ -182,7 +183,7 @@ def test_eval_completion_format_several_datasets_and_adapters(tiny_cfg, demo_dir
     assert RunDir(cfg.out_dir).metrics_json.read_bytes() == before  # other eval settings: kept
     (beside,) = RunDir(cfg.out_dir).stage_dir("eval").glob("*/predictions.jsonl")
     base_rows = [json.loads(line) for line in beside.read_text().splitlines()]
-    assert alone["results"]["demo"]["base"]["acc"] == summary["results"]["demo"]["base"]["acc"]
+    assert alone.score("demo", "base").acc == summary.score("demo", "base").acc
     assert flat(r["base"]["scores"] for r in base_rows) == pytest.approx(
         flat(r["base"]["scores"] for r in rows[:12])
     )
@@ -192,13 +193,13 @@ def test_train_in_completion_format_evaluate_in_both(tiny_cfg):
     cfg = tiny_cfg("dataset=demo_winogrande", "format=completion", "select.layers=[1]")
     select.run(cfg)
     tuned = finetune.run(cfg)
-    assert tuned["steps"] > 0
-    completion = evaluate.run(cfg)["results"]["demo_winogrande"]
-    assert "acc_norm" not in completion["adapter"]  # partial scoring: acc only, as lm-eval
+    assert tuned.steps > 0
+    completion = evaluate.run(cfg).results["demo_winogrande"]
+    assert completion["adapter"].acc_norm is None  # partial scoring: acc only, as lm-eval
     lettered = evaluate.run(
         tiny_cfg("dataset=demo_winogrande", "format=completion", "select.layers=[1]", "eval.format=mcq")
     )
-    assert lettered["format"] == "mcq" and lettered["results"]["demo_winogrande"]["adapter"]["n"] == 40
+    assert lettered.format == "mcq" and lettered.score("demo_winogrande", "adapter").n == 40
 
 
 def test_force_redoes_complete_stages(tiny_cfg):
@@ -336,8 +337,8 @@ def test_qlora_runs_every_stage_on_the_4bit_base(tiny_cfg):
     results = run.run(cfg)
     assert len(results["search"].alpha) == 8 and math.isfinite(results["search"].alpha_sum)
     assert any(abs(a) > 1e-4 for a in results["search"].alpha)  # the gates on quantized layers learn
-    adapter = results["eval"]["results"]["demo"]["adapter"]
-    assert adapter["n"] == 40 and 0 <= adapter["acc"] <= 1
+    adapter = results["eval"].score("demo", "adapter")
+    assert adapter.n == 40 and 0 <= adapter.acc <= 1
 
 
 def test_dora_finetune_after_a_plain_lora_search(tiny_cfg):
@@ -346,5 +347,5 @@ def test_dora_finetune_after_a_plain_lora_search(tiny_cfg):
     results = run.run(tiny_cfg("lora.variant=dora", "select.rule=top_k", "select.k=2"))
     adapter = json.loads((RunDir(tiny_cfg().out_dir).adapter_dir / "adapter_config.json").read_text())
     assert adapter["use_dora"] is True and adapter["layers_to_transform"] == results["select"].layers
-    assert results["finetune"]["trainable_params"] == results["select"].trainable_params
-    assert results["eval"]["results"]["demo"]["adapter"]["n"] == 40
+    assert results["finetune"].trainable_params == results["select"].trainable_params
+    assert results["eval"].score("demo", "adapter").n == 40
