@@ -19,6 +19,7 @@ memory is its own. Printed: step times, tokens/s, peak memory, MFU on CUDA, and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -167,7 +168,7 @@ def measure(args: argparse.Namespace) -> dict:
     one_step, collate = built.one_step, built.collate
     shapes = set()
 
-    def collated(rows: list[dict]):
+    def collated(rows: list):
         batch = collate(rows)
         shapes.update(tuple(m.input_ids.shape) for m in batch.micro_batches)
         return batch
@@ -200,11 +201,11 @@ def training_step(engine, base, settings, variant: str, layers, total: int):
     return build_lora_step(engine, model, dataclasses.replace(settings, finetune=constant), total, pad_id=0)
 
 
-def measure_trainer(args: argparse.Namespace, settings, rows: list[dict]) -> dict:
+def measure_trainer(args: argparse.Namespace, settings, rows: list) -> dict:
     """PEFT + transformers Trainer on the same rows: the setup a user of LLaMA-Factory-like tools runs."""
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 
     from flexora_cli.modeling import load_model as load_base
     from flexora_cli.modeling import lora_config, resolve_device, resolve_precision
@@ -233,12 +234,32 @@ def measure_trainer(args: argparse.Namespace, settings, rows: list[dict]) -> dic
             if state.global_step == args.warmup and device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
+    training_args = trainer_arguments(args, device, precision)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list([dataclasses.asdict(row) for row in rows]),  # Trainer reads dicts
+        data_collator=DataCollatorForSeq2Seq(_pad_only_tokenizer(), padding=True, label_pad_token_id=-100),
+        callbacks=[Clock()],
+    )
+    setup_rss = _rss_mb()
+    trainer.train()
+    seconds = marks[-1] - marks[args.warmup - 1]
+    result = _summary(args, rows, seconds, setup_rss, device)
+    return result | {"syncs": syncs.total, "sync_calls": syncs.counts, "ops": ops.counts}
+
+
+def trainer_arguments(args: argparse.Namespace, device, precision: str):
+    """Trainer's arguments for the peer row: our batch, steps and precision, constant lr, no
+    logging or saving, grouped by length as our batches are."""
+    from transformers import TrainingArguments
+
     grouping = (
         {"train_sampling_strategy": "group_by_length"}
         if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__
         else {"group_by_length": True}
     )
-    training_args = TrainingArguments(
+    return TrainingArguments(
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=args.batch_size,
         max_steps=args.warmup + args.steps,
@@ -256,18 +277,6 @@ def measure_trainer(args: argparse.Namespace, settings, rows: list[dict]) -> dic
         remove_unused_columns=False,
         **grouping,
     )
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=Dataset.from_list(rows),
-        data_collator=DataCollatorForSeq2Seq(_pad_only_tokenizer(), padding=True, label_pad_token_id=-100),
-        callbacks=[Clock()],
-    )
-    setup_rss = _rss_mb()
-    trainer.train()
-    seconds = marks[-1] - marks[args.warmup - 1]
-    result = _summary(args, rows, seconds, setup_rss, device)
-    return result | {"syncs": syncs.total, "sync_calls": syncs.counts, "ops": ops.counts}
 
 
 def _pad_only_tokenizer():
@@ -279,7 +288,7 @@ def _pad_only_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>")
 
 
-def timed(args: argparse.Namespace, collate, one_step, batches: list[list[dict]]) -> dict:
+def timed(args: argparse.Namespace, collate, one_step, batches: list[list]) -> dict:
     """Warm up, count one step's host syncs and aten ops (collation excluded, as the Trainer's
     data loader is), then time `--steps` steps (collation included)."""
     from flexora_cli.tripwires import HostSyncCounter, OpCounter
@@ -325,26 +334,41 @@ def _rss_mb(peak: bool = False) -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def layer_params(config) -> int:
+    """Parameters of the decoder layers (attention and MLP weights) of a Llama config."""
+    kv = config.hidden_size * config.num_key_value_heads // config.num_attention_heads
+    return config.num_hidden_layers * (
+        2 * config.hidden_size**2
+        + 2 * config.hidden_size * kv
+        + 3 * config.hidden_size * config.intermediate_size
+    )
+
+
 def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
     """Print the table and the ratios (and write them to --json)."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(**SIZES[args.size])
     embed = config.vocab_size * config.hidden_size
-    kv = config.hidden_size * config.num_key_value_heads // config.num_attention_heads
-    layer_params = config.num_hidden_layers * (
-        2 * config.hidden_size**2
-        + 2 * config.hidden_size * kv
-        + 3 * config.hidden_size * config.intermediate_size
-    )
     print(
-        f"\nmodel: random Llama {args.size}, {layer_params / 1e6:.1f}M layer + {embed / 1e6:.1f}M embedding params"
+        f"\nmodel: random Llama {args.size}, {layer_params(config) / 1e6:.1f}M layer + {embed / 1e6:.1f}M embedding params"
     )
     print(
         f"device {args.device}, precision {args.precision}, quantization {args.quantization}, "
         f"batch {args.batch_size}, lengths {args.min_len}-{args.max_len}, {args.steps} timed steps\n"
     )
     memory_key = "peak_gpu_mb" if args.device.startswith("cuda") else "rss_growth_mb"
+    print_results(results, memory_key)
+    ratios = print_ratios(results, memory_key)
+    mfu = print_mfu(args, config, results) if args.device.startswith("cuda") else {}
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"results": results, "ratios": ratios, "mfu_4n": mfu}, indent=1)
+        )
+
+
+def print_results(results: dict[str, dict], memory_key: str) -> None:
+    """One markdown row per variant."""
     print(f"| variant | step s | tokens/s | {memory_key} | host syncs/step | aten ops fwd/bwd/opt | shapes |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
@@ -358,6 +382,9 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
             f"| {ops} | {shapes} |"
         )
 
+
+def print_ratios(results: dict[str, dict], memory_key: str) -> dict[str, float]:
+    """Each variant against its peer in this run, beside the goal it is measured against."""
     ratios = {}
 
     def ratio(a: str, b: str, key, goal: str) -> None:
@@ -382,26 +409,26 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
     )
     ratio("lora_all", "trainer", ops, "≤ 1 (aten ops)")
     ratio("search", "lora_all", lambda r: r[memory_key], "≤ 1.15 (memory)")
+    return ratios
+
+
+def print_mfu(args: argparse.Namespace, config, results: dict[str, dict]) -> dict[str, float]:
+    """4N-MFU per variant on CUDA: LoRA on a frozen base costs forward 2N + backward 2N (input
+    gradients only) per token, plus attention's 8·layers·hidden·seq."""
+    device_name = torch.cuda.get_device_name()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device_name)
+    if peak is None:
+        print(f"MFU: unknown peak for {device_name}; pass --peak-tflops")
+        return {}
+    seq = (args.min_len + args.max_len) / 2
+    flops_per_token = 4 * layer_params(config) + 8 * config.num_hidden_layers * config.hidden_size * seq
+    print(f"\n{device_name}, dense bf16 peak {peak / 1e12:.0f} TFLOPs (4N convention)")
     mfu = {}
-    if args.device.startswith("cuda"):
-        device_name = torch.cuda.get_device_name()
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device_name)
-        if peak is None:
-            print(f"MFU: unknown peak for {device_name}; pass --peak-tflops")
-        else:
-            # LoRA on a frozen base: forward 2N, backward 2N (input gradients only; no weight
-            # gradients for frozen weights) = 4N per token, plus attention's 8·layers·hidden·seq.
-            seq = (args.min_len + args.max_len) / 2
-            flops_per_token = 4 * layer_params + 8 * config.num_hidden_layers * config.hidden_size * seq
-            print(f"\n{device_name}, dense bf16 peak {peak / 1e12:.0f} TFLOPs (4N convention)")
-            for name, r in results.items():
-                if not r.get("oom"):
-                    mfu[name] = round(flops_per_token * r["tokens_per_s"] / peak, 4)
-                    print(f"4N-MFU {name}: {mfu[name]:.1%}")
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"results": results, "ratios": ratios, "mfu_4n": mfu}, indent=1)
-        )
+    for name, r in results.items():
+        if not r.get("oom"):
+            mfu[name] = round(flops_per_token * r["tokens_per_s"] / peak, 4)
+            print(f"4N-MFU {name}: {mfu[name]:.1%}")
+    return mfu
 
 
 def trace_8b(args: argparse.Namespace) -> None:

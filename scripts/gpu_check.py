@@ -215,10 +215,6 @@ def poisoned(one_step, base, at: int):
 def train_loop(args, engine, train_step, model, one_step, batch, steps: int, phases: int) -> dict:
     """Run `steps` steps with the instruments on steps 1–4 and the profiler on 6–8; read the
     guard every 10 steps, as the stages' log steps do."""
-    from flexora_cli.nonfinite import locate_nonfinite
-    from flexora_cli.step import NonFiniteError
-    from flexora_cli.tripwires import AttentionTripwire, HostSyncCounter
-
     cuda = engine.device.type == "cuda"
     result = {"steps_run": 0, "losses": [], "grad_norm": [math.inf, 0.0], "skipped": 0}
     batches: dict[int, object] = {}
@@ -230,47 +226,13 @@ def train_loop(args, engine, train_step, model, one_step, batch, steps: int, pha
             break
         step += 1
         batches[step] = batch(step)
-        if step == 1:
-            with AttentionTripwire() as wire:
-                one_step(step, batches[step])
-            result["tripwire"] = {"attention_calls": wire.calls, "violations": wire.violations[:5]}
-        elif step in (2, 3, 4):
-            with HostSyncCounter(engine.device) as syncs, cuda_sync_warnings(cuda) as cuda_warnings:
-                one_step(step, batches[step])
-            result.setdefault("host_syncs", []).append(syncs.counts)
-            result.setdefault("cuda_sync_warnings", []).extend(cuda_warnings)
-        elif step == 6 and cuda and steps >= 8:
-            profiled = range(6, 9)
-            batches.update({s: batch(s) for s in profiled})
-            try:  # the profiler is an instrument: its failure must not cost the run
-                result["gpu_busy_share"] = profile(lambda s: one_step(s, batches[s]), profiled)
-            except Exception as exc:
-                result["gpu_busy_share"] = f"profiler failed: {exc!r}"[:300]
-                for again in profiled:
-                    one_step(again, batches[again])
-            step = profiled[-1]
-        else:
-            one_step(step, batches[step])
+        step = instrumented_step(engine, one_step, batch, batches, step, steps, result)
         if step == timer_from:
             synchronize(cuda)
             started = time.perf_counter()
         result["steps_run"] = step
-        if step % 10 == 0 or step == steps:
-            try:
-                readout = train_step.check(
-                    lambda s, phase: locate_nonfinite(engine, model, pick(batches[s], phase))
-                )
-            except NonFiniteError as exc:
-                result["nonfinite"] = str(exc)
-                break
-            result["losses"].append(
-                {"step": step, **{str(p): round(v, 4) for p, v in readout.losses.items()}}
-            )
-            if readout.grad_norm:
-                low, high = readout.grad_norm
-                result["grad_norm"] = [min(result["grad_norm"][0], low), max(result["grad_norm"][1], high)]
-            result["skipped"] = readout.skipped
-            batches.clear()
+        if (step % 10 == 0 or step == steps) and not read_guard(engine, train_step, model, batches, result):
+            break
     synchronize(cuda)
     timed = result["steps_run"] - timer_from
     if started and timed > 0:
@@ -281,6 +243,57 @@ def train_loop(args, engine, train_step, model, one_step, batch, steps: int, pha
         math.isfinite(v) for entry in result["losses"] for k, v in entry.items() if k != "step"
     )
     return result
+
+
+def instrumented_step(engine, one_step, batch, batches: dict, step: int, steps: int, result: dict) -> int:
+    """One step (the attention tripwire on step 1, the host-sync counter on 2–4), or steps 6–8
+    under the profiler on CUDA; returns the last step taken."""
+    from flexora_cli.tripwires import AttentionTripwire, HostSyncCounter
+
+    cuda = engine.device.type == "cuda"
+    if step == 1:
+        with AttentionTripwire() as wire:
+            one_step(step, batches[step])
+        result["tripwire"] = {"attention_calls": wire.calls, "violations": wire.violations[:5]}
+    elif step in (2, 3, 4):
+        with HostSyncCounter(engine.device) as syncs, cuda_sync_warnings(cuda) as cuda_warnings:
+            one_step(step, batches[step])
+        result.setdefault("host_syncs", []).append(syncs.counts)
+        result.setdefault("cuda_sync_warnings", []).extend(cuda_warnings)
+    elif step == 6 and cuda and steps >= 8:
+        profiled = range(6, 9)
+        batches.update({s: batch(s) for s in profiled})
+        try:  # the profiler is an instrument: its failure must not cost the run
+            result["gpu_busy_share"] = profile(lambda s: one_step(s, batches[s]), profiled)
+        except Exception as exc:
+            result["gpu_busy_share"] = f"profiler failed: {exc!r}"[:300]
+            for again in profiled:
+                one_step(again, batches[again])
+        return profiled[-1]
+    else:
+        one_step(step, batches[step])
+    return step
+
+
+def read_guard(engine, train_step, model, batches: dict, result: dict) -> bool:
+    """Read the step guard as a stage's log step does (a non-finite step is replayed to name its
+    module, through TrainStep.check); False once a step was non-finite."""
+    from flexora_cli.nonfinite import locate_nonfinite
+    from flexora_cli.step import NonFiniteError
+
+    try:
+        readout = train_step.check(lambda s, phase: locate_nonfinite(engine, model, pick(batches[s], phase)))
+    except NonFiniteError as exc:
+        result["nonfinite"] = str(exc)
+        return False
+    step = result["steps_run"]
+    result["losses"].append({"step": step, **{str(p): round(v, 4) for p, v in readout.losses.items()}})
+    if readout.grad_norm:
+        low, high = readout.grad_norm
+        result["grad_norm"] = [min(result["grad_norm"][0], low), max(result["grad_norm"][1], high)]
+    result["skipped"] = readout.skipped
+    batches.clear()
+    return True
 
 
 def pinned(engine, batch):

@@ -12,6 +12,11 @@ from flexora_cli.config import compose
 torch.set_num_threads(2)
 
 
+def flat(rows) -> list[float]:
+    """Per-prompt score lists as one list (to compare two scorings with pytest.approx)."""
+    return [value for row in rows for value in row]
+
+
 def compose_config(*overrides: str) -> DictConfig:
     """The config `flexora <stage> *overrides` would run with."""
     return compose(list(overrides))

@@ -55,12 +55,7 @@ def run(cfg: DictConfig | Settings) -> FinetuneLog:
     peft_model = attach_lora(base, settings.model, settings.lora, layers, settings.gradient_checkpointing)
     scratch = tempfile.TemporaryDirectory(prefix="flexora-")  # this process's, gone with it
     initial = _initial_adapter(peft_model, settings, engine, Path(scratch.name))
-    total_steps = max(1, math.ceil(spec.epochs * len(batches)))
-    if (seen := batches.examples_in(total_steps)) < len(batches.features):
-        report.warn(
-            f"finetune: finetune.epochs={spec.epochs} trains {total_steps} step(s) on {seen} of the "
-            f"{len(batches.features)} training examples (less than one epoch)"
-        )
+    total_steps = planned_steps(spec.epochs, batches)
     built = build_lora_step(engine, AnswerLM(peft_model), settings, total_steps, tokenizer.pad_token_id)
     model, lora_step, schedule = built.model, built.one_step, built.one_step.schedule
     loop = TrainingLoop(
@@ -100,6 +95,18 @@ def run(cfg: DictConfig | Settings) -> FinetuneLog:
     write_model_card(run_dir, settings, "finetune")
     loop.finish([run_dir.adapter_dir], inputs=("select",), logs=(run_dir.finetune_log_json,))
     return result
+
+
+def planned_steps(epochs: float, batches: Batches) -> int:
+    """Steps for `epochs` passes over `batches` (at least one); a warning when that is less than
+    one epoch, so not every training example is seen."""
+    total_steps = max(1, math.ceil(epochs * len(batches)))
+    if (seen := batches.examples_in(total_steps)) < len(batches.features):
+        report.warn(
+            f"finetune: finetune.epochs={epochs} trains {total_steps} step(s) on {seen} of the "
+            f"{len(batches.features)} training examples (less than one epoch)"
+        )
+    return total_steps
 
 
 def training_batches(settings: Settings, tokenizer) -> tuple[Part, Batches]:
