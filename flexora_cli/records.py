@@ -39,28 +39,36 @@ class JsonRecord:
         return cls.from_json(read_json(path, stage, this_stage), path, stage)
 
 
-@dataclass
-class FinetuneLog(JsonRecord):
-    """finetune/train_log.json: what was trained and how the run went."""
+@dataclass(kw_only=True)
+class TrainingRun(JsonRecord):
+    """How a training stage ran: what search/alpha.json and finetune/train_log.json share."""
 
-    layers: list[int]
-    trainable_params: int
     steps: int
-    examples: int
-    """Examples the steps saw (epochs × the training rows, or fewer for a fraction of an epoch)."""
-    dataset_examples: int
-    """Training rows in the part finetune read."""
     seconds: float
-    tokens_per_second: float | None
+    """Training seconds, the runs before a resume included."""
     padding_waste: float
     num_processes: int
     precision: str
     max_grad_norm: float
     nonfinite_steps_skipped: int
     history: list[dict] = field(default_factory=list)
-    """Every log step: step, train_loss, grad_norm."""
+    """Every log step's figures: step, the losses, grad_norm (and the search's α̂ and Σα̂)."""
     partition: dict | None = None
-    """dataset.partition's record when the rows were cut from one split."""
+    """dataset.partition's record (data.partition.PartitionRecord) when the rows were cut from one
+    split; None: the whole train split."""
+
+
+@dataclass
+class FinetuneLog(TrainingRun):
+    """finetune/train_log.json: what was trained and how the run went."""
+
+    layers: list[int]
+    trainable_params: int
+    examples: int
+    """Examples the steps saw (epochs × the training rows, or fewer for a fraction of an epoch)."""
+    dataset_examples: int
+    """Training rows in the part finetune read."""
+    tokens_per_second: float | None
 
 
 @dataclass

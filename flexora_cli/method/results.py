@@ -4,15 +4,15 @@ through string keys."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from flexora_cli.records import JsonRecord
+from flexora_cli.records import JsonRecord, TrainingRun
 
 
 @dataclass
-class SearchResult(JsonRecord):
-    """search/alpha.json: the gates the search fitted and how the search ran."""
+class SearchResult(TrainingRun):
+    """search/alpha.json: the gates the search fitted, and how the search ran (TrainingRun)."""
 
     alpha: list[float]
     """α̂ per layer, centred (Σα̂ = 0 up to rounding)."""
@@ -28,20 +28,8 @@ class SearchResult(JsonRecord):
     """How α̂'s gradient was computed: first_order, darts or unrolled."""
     unroll_steps: int
     """K, the LoRA steps the unrolled hypergradient differentiates through (0 unless unrolled)."""
-    steps: int
-    seconds: float
-    padding_waste: float
-    num_processes: int
-    precision: str
-    max_grad_norm: float
-    nonfinite_steps_skipped: int
-    history: list[dict] = field(default_factory=list)
-    """Every log step: step, train_loss, val_loss, alpha (α̂ per layer), alpha_sum, grad_norm."""
     alpha_steps: int | None = None
     """α steps taken (steps − search.alpha_warmup_steps); None in files from before it existed."""
-    partition: dict | None = None
-    """dataset.partition's record (data.partition.PartitionRecord) when the rows were cut from one
-    split; None: the whole train split."""
 
     @property
     def num_layers(self) -> int:
