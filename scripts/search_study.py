@@ -5,10 +5,12 @@ select → finetune → eval) runs in <out>/<setting>/seed_<s>/, and the table r
 the layers kept, the Jaccard index of the selected sets across seeds, Flexora's accuracy (mean ±
 std over seeds, and the binomial stderr) and the search's time. Complete runs are reused, so the
 command can be stopped and rerun. The base, LoRA-all and random-layer rows to set these against
-come from `flexora compare` with the same recipe and seeds (README).
+come from `flexora compare` with the same recipe and seeds (README), so the study does not score
+the base again (eval.include_base=false); with --recipe-runs that compare's Flexora runs are the
+`recipe` setting's runs (nothing is trained twice).
 
     python scripts/search_study.py --recipe smollm2_piqa --seeds 1,2,3 --out runs/search_study
-    python scripts/search_study.py --recipe smollm2_piqa --settings authors,recipe,warmup
+    python scripts/search_study.py --recipe smollm2_piqa --recipe-runs runs/real_table/piqa_olmo
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from flexora_cli import report
 from flexora_cli.comparison import SUMMARY_COLUMNS, RunRow, summarise
 from flexora_cli.config import compose, load
+from flexora_cli.manifest import Manifest
 from flexora_cli.method import SearchResult, Selection
 from flexora_cli.records import EvalMetrics, FinetuneLog
 from flexora_cli.rundir import RunDir
@@ -54,13 +57,25 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"from {', '.join(SETTINGS)}")
     parser.add_argument("--out", default="runs/search_study")
     parser.add_argument("--override", action="append", default=[], help="applied to every setting")
+    parser.add_argument(
+        "--recipe-runs",
+        help="a `flexora compare` of the same recipe and seeds: its seed_<s>/ runs are `recipe`'s",
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: list[RunRow] = []
     for name in args.settings.split(","):
         for seed in seeds:
             out_dir = Path(args.out) / name / f"seed_{seed}"
-            overrides = [f"recipe={args.recipe}", f"seed={seed}", f"out_dir={out_dir}", *SETTINGS[name]]
+            if name == "recipe" and args.recipe_runs:
+                out_dir = Path(args.recipe_runs) / f"seed_{seed}"
+            overrides = [
+                f"recipe={args.recipe}",
+                f"seed={seed}",
+                f"out_dir={out_dir}",
+                "eval.include_base=false",
+            ]
+            overrides += SETTINGS[name]
             settings = load(compose(overrides + args.override))
             report.console.rule(f"[bold]study {name} seed {seed}")
             pipeline.run(settings)
@@ -77,7 +92,10 @@ def main() -> None:
 
 def _row(name: str, seed: int, settings) -> RunRow:
     run_dir = RunDir(settings.out_dir)
-    scored = EvalMetrics.read(run_dir.metrics_json, "eval", "study").score(settings.dataset.name, "adapter")
+    metrics = (
+        run_dir.root / Manifest(run_dir).eval_key(settings) / "metrics.json"
+    )  # where the run's eval wrote
+    scored = EvalMetrics.read(metrics, "eval", "study").score(settings.dataset.name, "adapter")
     selection = Selection.read(run_dir.selection_json, "select", "study")
     finetune = FinetuneLog.read(run_dir.finetune_log_json, "finetune", "study")
     return RunRow(
