@@ -189,9 +189,9 @@ def launch_error(run_dir: RunDir, exc: BaseException) -> BaseException:
         return error
     if isinstance(exc, RuntimeError):  # a collective broken by a process that died without a word
         text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())  # gloo's "[source:line]" prefix
-        first = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__
+        reason = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__
         return TrainingError(
-            f"another process of this launch stopped without an error message ({first}); see its log"
+            f"another process of this launch stopped without an error message ({reason}); see its log"
         )
     return exc
 
