@@ -73,8 +73,8 @@ class Engine:
         self.precision = resolve_precision(scoring_precision or settings.precision, wanted)
         if emulates_bf16(wanted, self.precision):
             report.warn(
-                "precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
-                "slower than fp32; add precision=fp32"
+                "precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated, "
+                "many times slower than fp32; add precision=fp32 (or bf16_if_native)"
             )
         self.tracker = resolve_tracker(settings.tracker)
         try:

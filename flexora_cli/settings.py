@@ -18,7 +18,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("mcq", "completion")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16_if_native")
 TRACKERS = ("auto", "none", "tensorboard", "wandb")
 ON_NONFINITE = ("error", "skip")
 LORA_VARIANTS = ("lora", "dora", "rslora")
@@ -424,7 +424,7 @@ class EvalSettings:
     share_prefix: bool | None = None
     """Compute the context shared by the choices once (None: wherever the architecture allows)."""
     precision: str | None = None
-    """Precision to score with (fp32, bf16, fp16 or auto); None: the run's `precision`. The
+    """Precision to score with (as `precision`); None: the run's `precision`. The
     real-data recipes train in bf16 and score in fp32, where predictions match lm-eval's (bf16
     scoring changed 1-4 of 100 HellaSwag predictions, docs/benchmarks.md)."""
     evaluator: str = "flexora"
@@ -523,7 +523,9 @@ class Settings:
     """cpu, cuda or auto (cuda when available)."""
     precision: str = "auto"
     """Mixed precision through accelerate: fp32, bf16 (autocast) or fp16 (autocast and loss
-    scaling); auto: bf16 on CUDA, fp32 on CPU. LoRA weights and α̂ stay in float32."""
+    scaling); auto: bf16 on CUDA, fp32 on CPU; bf16_if_native: bf16 where the device computes it
+    natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere, where bf16 is
+    emulated and many times slower. LoRA weights and α̂ stay in float32."""
     cudnn_attention: bool = False
     """Let SDPA pick cuDNN's attention kernels on CUDA. Off: training passes an attention mask
     (packed rows), and with a mask torch 2.11–2.13's cuDNN backward returns NaN gradients at

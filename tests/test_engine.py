@@ -59,3 +59,12 @@ def test_bf16_is_emulated_only_on_a_cpu_without_native_bf16(monkeypatch):
     assert not modeling.emulates_bf16(cpu, "fp32") and not modeling.emulates_bf16(cuda, "bf16")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert not modeling.emulates_bf16(cpu, "bf16")
+
+
+def test_bf16_if_native_trains_in_bf16_only_where_the_device_computes_it(monkeypatch):
+    """The real-data recipes' precision: bf16 with AVX512-BF16 or AMX, fp32 where bf16 is emulated."""
+    cpu = torch.device("cpu")
+    for native, resolved in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert modeling.resolve_precision("bf16_if_native", cpu) == resolved
+        assert modeling.native_bf16(cpu) is native
