@@ -424,9 +424,9 @@ class EvalSettings:
     share_prefix: bool | None = None
     """Compute the context shared by the choices once (None: wherever the architecture allows)."""
     precision: str | None = None
-    """Precision to score with (as `precision`); None: the run's `precision`. The
-    real-data recipes train in bf16 and score in fp32, where predictions match lm-eval's (bf16
-    scoring changed 1-4 of 100 HellaSwag predictions, docs/benchmarks.md)."""
+    """Precision to score with (as `precision`); None: the run's `precision`. The real-data
+    recipes train in bf16 where the CPU computes it natively and score in fp32, where predictions
+    match lm-eval's (bf16 scoring changed 1-4 of 100 HellaSwag predictions, docs/benchmarks.md)."""
     evaluator: str = "flexora"
     """flexora (the built-in scorer: the run's prompt format on eval.datasets, fast) or lm_eval
     (lm-evaluation-harness's `simple_evaluate` on eval.tasks, with the same base model and
