@@ -43,7 +43,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision=fp16 needs a CUDA GPU; use precision=fp32 (or bf16) on CPU")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
         raise ConfigError("precision=bf16 is not supported by this GPU; use precision=fp16 or fp32")
     return precision
 
