@@ -1,7 +1,8 @@
 """Mid-stage checkpoints: everything a training stage needs to continue exactly where it stopped.
 
 A checkpoint is a folder `<stage>/checkpoints/step-NNNNNNN/` written atomically:
-- `weights.safetensors`: the trainable tensors (LoRA matrices, and α̂ in the search);
+- `weights.safetensors`: the trainable tensors (LoRA matrices, and α̂ in the search), whole
+  (gathered from the shards under distributed=fsdp, so any process count resumes);
 - `state.pt`: optimizer and scheduler states, the step, the loss history, every RNG state
   (python, numpy, torch, CUDA) and the settings the stage ran with; read with weights_only=True;
 - `files.json`: the size and sha256 of both, checked before either is trusted.
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexora_cli.errors import ConfigError, DamagedArtifactError, FlexoraError
+from flexora_cli.fsdp import copy_whole_, full_tensor
 from flexora_cli.manifest import file_problems, fingerprint, settings_differences, stage_settings
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
@@ -100,10 +102,10 @@ class Checkpoints:
 
         if self.settings.force:
             self.clear()
-        if self.engine is not None and self.engine.shards_parameters:
+        if self.engine is not None and self.engine.sharded_by_accelerate:
             report.warn(
-                f"{self.stage}: no mid-stage checkpoints under FSDP yet (parameters are "
-                f"sharded); an interrupted stage starts over"
+                f"{self.stage}: no mid-stage checkpoints under accelerate's FSDP plugin (use "
+                f"distributed=fsdp instead); an interrupted stage starts over"
             )
             return 0, []
         started, damaged = time.perf_counter(), []
@@ -121,9 +123,8 @@ class Checkpoints:
                     f"{self.dir}); add force=true to start {self.stage} over"
                 )
             return 0, []
-        with torch.no_grad():  # in place, so the optimizers keep their references
-            for name, parameter in self.trained.items():
-                parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
+        for name, parameter in self.trained.items():  # in place: the optimizers keep their references
+            copy_whole_(parameter, tensors[name])
         for name, obj in self.stateful.items():
             obj.load_state_dict(state[name])
         self.seconds_before, self._clock = state.get("seconds", 0.0), time.monotonic()
@@ -144,7 +145,7 @@ class Checkpoints:
 
     def after_step(self, step: int, history: list[dict], stop: StopRequest, requested: bool) -> None:
         """Save every `checkpoint_every` steps, or now when a stop was `requested` (then stop)."""
-        if self.engine is not None and self.engine.shards_parameters:
+        if self.engine is not None and self.engine.sharded_by_accelerate:
             if requested:
                 raise Interrupted(f"{self.stage}: stopped after step {step} (no checkpoint under FSDP)")
             return
@@ -157,6 +158,7 @@ class Checkpoints:
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write checkpoint `step` atomically, then keep only the newest `keep_checkpoints`."""
         path = self.dir / f"step-{step:07d}"
+        tensors = {k: full_tensor(v).contiguous() for k, v in self.trained.items()}  # every process gathers
         if not self.run_dir.writes:
             return path
         full_state = {
@@ -167,10 +169,7 @@ class Checkpoints:
             "settings": stage_settings(self.stage, self.settings),
         }
         with self.run_dir.atomic_dir(path) as tmp:
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in self.trained.items()},
-                str(tmp / "weights.safetensors"),
-            )
+            save_file(tensors, str(tmp / "weights.safetensors"))
             torch.save(full_state, tmp / "state.pt")
             files = fingerprint([tmp / "weights.safetensors", tmp / "state.pt"], tmp)
             (tmp / "files.json").write_text(json.dumps(files, indent=2))

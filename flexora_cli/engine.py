@@ -1,8 +1,8 @@
 """accelerate under every stage: the device, mixed precision, the processes, the trackers.
 
 The same command runs as one process (`flexora search ...`) or as many
-(`accelerate launch --num_processes 8 -m flexora_cli search ...`, DDP; FSDP with an accelerate
-config, docs/distributed.md). The training step itself (global batches dealt to processes and
+(`accelerate launch --num_processes 8 -m flexora_cli search ...`, or torchrun): DDP by default,
+FSDP2 with distributed=fsdp (fsdp.py; docs/distributed.md). The training step itself (global batches dealt to processes and
 micro-batches, the loss, the guarded update) is step.py's. The launch's size and the protocol by
 which one process's failure becomes every process's one `error:` line (launch_error) are here too.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexora_cli import report
+from flexora_cli import fsdp, report
 from flexora_cli.errors import ConfigError, FlexoraError, TrainingError
-from flexora_cli.modeling import emulates_bf16, resolve_device, resolve_precision
+from flexora_cli.modeling import emulates_bf16, get_layers, resolve_device, resolve_precision
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings, flatten
 
@@ -90,6 +90,10 @@ class Engine:
                 f"accelerate cannot start with this launch: {reason}; check the `accelerate launch` "
                 f"flags or config file (docs/distributed.md)"
             ) from exc
+        self.fsdp = settings.distributed == "fsdp" and scoring_precision is None
+        """Training under FSDP2, driven by fsdp.py (not accelerate's FSDP plugin); scoring keeps
+        whole models."""
+        self._check_distributed(settings.distributed, settings.model.quantization)
         if wanted.type == "cuda":  # process-wide, so activation recomputation in backward obeys it too
             torch.backends.cuda.enable_cudnn_sdp(settings.cudnn_attention)
         self.padding = PaddingMeter()
@@ -106,23 +110,70 @@ class Engine:
     def process_index(self) -> int:
         return self.accelerator.process_index
 
+    def _check_distributed(self, distributed: str, quantization: str) -> None:
+        """Refuse a launch that contradicts `distributed`, or that it cannot run (one line each)."""
+        if self.sharded_by_accelerate and distributed != "auto":
+            raise ConfigError(
+                f"distributed={distributed} but the launch's accelerate config already asks for "
+                f"accelerate's FSDP plugin; drop that config, or set distributed=auto"
+            )
+        if self.fsdp and quantization != "none":
+            raise ConfigError(
+                f"distributed=fsdp cannot shard model.quantization={quantization}: FSDP2 has no "
+                f"support for bitsandbytes' packed weights; use distributed=ddp for QLoRA, or "
+                f"model.quantization=none"
+            )
+        if self.fsdp and self.precision == "fp16":
+            raise ConfigError("distributed=fsdp has no fp16 loss scaler; use precision=bf16 (or fp32)")
+
     @property
-    def shards_parameters(self) -> bool:
-        """True under FSDP: a process holds a shard of each parameter, not the whole."""
+    def sharded_by_accelerate(self) -> bool:
+        """Under accelerate's FSDP plugin (an accelerate config), where mid-stage checkpoints are
+        off; distributed=fsdp checkpoints whole tensors (fsdp.py)."""
         from accelerate.utils import DistributedType
 
         return self.accelerator.distributed_type == DistributedType.FSDP
 
+    @property
+    def shards_parameters(self) -> bool:
+        """True under FSDP: a process holds a shard of each parameter, not the whole."""
+        return self.fsdp or self.sharded_by_accelerate
+
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The wrapped model's whole state dict (gathered from the shards under FSDP)."""
+        """The wrapped model's whole state dict (gathered from the shards under FSDP; under
+        distributed=fsdp the trainable parameters only, on every process)."""
+        if self.fsdp:
+            return fsdp.full_model_state(model)
         return self.accelerator.get_state_dict(model)
 
+    def shard(self, model: nn.Module, layers_path: str, replicated: list[nn.Parameter]) -> nn.Module:
+        """Under distributed=fsdp, shard `model` (an AnswerLM) in place, one unit per layer at
+        `layers_path`, `replicated` kept whole (fsdp.shard); else `model` as it is. Before the
+        optimizers are built: sharding replaces the parameters."""
+        if not self.fsdp:
+            return model
+        return fsdp.shard(model, get_layers(model.lm, layers_path), self.device, replicated)
+
     def prepare(self, model: nn.Module, *optimizers: torch.optim.Optimizer):
-        """DDP/FSDP-wrap the model and make the optimizers loss-scaling aware (fp16).
+        """DDP/FSDP-wrap the model and make the optimizers loss-scaling aware (fp16); under
+        distributed=fsdp the model is already sharded (shard) and both come back as they are.
 
         Schedulers stay unprepared: steps here are global, so they advance once per step.
         """
+        if self.fsdp:
+            return (model, *optimizers)
         return self.accelerator.prepare(model, *optimizers)
+
+    def checkpointable(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """What a checkpoint saves of `optimizer`: under distributed=fsdp its whole state
+        (fsdp.WholeOptimizerState), else the optimizer itself."""
+        return fsdp.WholeOptimizerState(model, optimizer) if self.fsdp else optimizer
+
+    def average_replicated_gradients(self, params: list[nn.Parameter]) -> None:
+        """Under distributed=fsdp, average across processes the gradients FSDP does not (α̂);
+        DDP has averaged every gradient already."""
+        if self.fsdp:
+            fsdp.average_replicated_gradients(params)
 
     def scaler_state(self) -> dict:
         """The fp16 loss scaler, for checkpoints ({} when there is none)."""

@@ -53,6 +53,9 @@ class TrainingRun(JsonRecord):
     nonfinite_steps_skipped: int
     history: list[dict] = field(default_factory=list)
     """Every log step's figures: step, the losses, grad_norm (and the search's α̂ and Σα̂)."""
+    held_bytes: dict | None = None
+    """Parameter and optimizer-state bytes the main process held, counted from its tensors (its
+    shards under distributed=fsdp), beside the whole model's (fsdp.HeldBytes as JSON)."""
     partition: dict | None = None
     """dataset.partition's record (data.partition.PartitionRecord) when the rows were cut from one
     split; None: the whole train split."""

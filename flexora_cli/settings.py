@@ -19,6 +19,8 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("mcq", "completion")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16_if_native")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
+EXPORT_FORMATS = ("safetensors", "gguf")
 TRACKERS = ("auto", "none", "tensorboard", "wandb")
 ON_NONFINITE = ("error", "skip")
 LORA_VARIANTS = ("lora", "dora", "rslora")
@@ -504,6 +506,28 @@ class CompareSettings:
 
 
 @dataclass
+class ExportSettings:
+    """`flexora export`: what the merged model is written as."""
+
+    format: str = "safetensors"
+    """safetensors: export/model/, a transformers model folder; gguf: that folder with
+    model-<gguf_type>.gguf beside the weights, for llama.cpp and Ollama (gguf_export.py)."""
+    gguf_type: str = "f16"
+    """The GGUF's matrix type: f16, q8_0 (8-bit blocks, about half f16's size) or f32 (lossless)."""
+    gguf_pre_tokenizer: str | None = None
+    """llama.cpp's name for the tokenizer's pre-tokenizer (e.g. llama-bpe for Llama 3, smollm);
+    None: the one model.gguf_file names, else llama.cpp's `default`."""
+
+    def problems(self) -> list[str]:
+        """This section's own problems."""
+        from flexora_cli.gguf_export import GGUF_TYPES
+
+        return one_of("export.format", self.format, EXPORT_FORMATS) + one_of(
+            "export.gguf_type", self.gguf_type, GGUF_TYPES
+        )
+
+
+@dataclass
 class Settings:
     """Everything a stage needs; one instance per command."""
 
@@ -515,6 +539,7 @@ class Settings:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     compare: CompareSettings = field(default_factory=CompareSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     out_dir: str = "runs/default"
     """The run directory shared by all stages."""
     seed: int = 42
@@ -526,6 +551,11 @@ class Settings:
     scaling); auto: bf16 on CUDA, fp32 on CPU; bf16_if_native: bf16 where the device computes it
     natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere, where bf16 is
     emulated and many times slower. LoRA weights and α̂ stay in float32."""
+    distributed: str = "auto"
+    """How search and finetune spread over the processes of a launch (torchrun or `accelerate
+    launch`): ddp (each process holds the whole model), fsdp (FSDP2: the base sharded, one unit per
+    decoder layer; also on one process), or auto (DDP, or what the launch's accelerate config
+    says). Eval keeps whole models either way (docs/distributed.md)."""
     cudnn_attention: bool = False
     """Let SDPA pick cuDNN's attention kernels on CUDA. Off: training passes an attention mask
     (packed rows), and with a mask torch 2.11–2.13's cuDNN backward returns NaN gradients at
@@ -575,9 +605,12 @@ class Settings:
         """Every problem with these settings: each section's own, then the root's fields and the
         rules that cross sections, as `key: problem (fix)` lines."""
         sections = (self.model, self.dataset, self.lora, self.search, self.select, self.finetune, self.eval)
-        problems = [problem for section in (*sections, self.compare) for problem in section.problems()]
+        problems = [
+            problem for section in (*sections, self.compare, self.export) for problem in section.problems()
+        ]
         problems += one_of("precision", self.precision, PRECISIONS)
         problems += one_of("tracker", self.tracker, TRACKERS)
+        problems += one_of("distributed", self.distributed, DISTRIBUTED)
         problems += one_of("device", self.device, DEVICES)
         problems += one_of("format", self.format, FORMATS)
         problems += one_of("demo_task", self.demo_task, DEMO_TASKS)

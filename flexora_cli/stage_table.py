@@ -74,8 +74,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "export",
         "flexora_cli.stages.export",
-        "merge the adapter into the base: a plain transformers model",
-        (*_SEARCH_SETTINGS, "select", "finetune"),
+        "merge the adapter into the base: a plain transformers model (and a GGUF)",
+        (*_SEARCH_SETTINGS, "select", "finetune", "export"),
     ),
     Stage("summary", "flexora_cli.stages.summary", "one table for a sweep: `flexora summary DIR`"),
 )

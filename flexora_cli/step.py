@@ -23,6 +23,7 @@ its input, the collated micro-batches, is data/collate.py's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from transformers import get_scheduler, set_seed
 
 from flexora_cli.data.collate import Collated, Collator, make_collator
 from flexora_cli.errors import TrainingError
+from flexora_cli.fsdp import held_bytes, local_norm
 from flexora_cli.modeling import accepts_logits_to_keep, causal_lm, packs_rows
 
 PHASES = ("LoRA step", "α step")
@@ -279,7 +281,8 @@ class TrainStep:
         """Clip, then step `optimizer` unless the loss or the gradient norm is non-finite (decided
         on the device through the fused optimizer's found_inf); returns the norm before clipping."""
         clip_to = max_grad_norm if max_grad_norm > 0 else math.inf
-        norm = self.engine.accelerator.clip_grad_norm_(params, clip_to)
+        self.engine.average_replicated_gradients(params)
+        norm = local_norm(self.engine.accelerator.clip_grad_norm_(params, clip_to))
         found_inf = self.guard.record(loss, norm, step, phase)
         if self.guard.scaled:  # fp16: accelerate's wrapper steps through the loss scaler
             optimizer.step()
@@ -331,6 +334,12 @@ class BuiltStep:
     """The parameters a checkpoint saves, by name."""
     stateful: dict[str, object]
     """The optimizers, schedules (and hypergradient state) a checkpoint saves beside them."""
+    optimizers: list[torch.optim.Optimizer]
+    """Every optimizer the step updates (for held_bytes)."""
+
+    def held_bytes(self) -> dict:
+        """What this process holds of the model and the optimizers (fsdp.HeldBytes as JSON)."""
+        return dataclasses.asdict(held_bytes(self.model, self.optimizers))
 
 
 class LoraStep:
@@ -352,6 +361,7 @@ def build_lora_step(engine, model: AnswerLM, settings, total_steps: int, pad_id:
     """The finetune step over `model` (LoRA already attached) with settings.finetune's
     optimizer (AdamW), schedule, clipping and non-finite rule."""
     spec = settings.finetune
+    model = engine.shard(model, settings.model.layers_path, replicated=[])
     params = trainable_parameters(model)
     optimizer, schedule = adamw_with_schedule(
         params, spec.lr, spec.weight_decay, spec.scheduler, spec.warmup_ratio, total_steps
@@ -361,5 +371,5 @@ def build_lora_step(engine, model: AnswerLM, settings, total_steps: int, pad_id:
     model, optimizer = engine.prepare(model, optimizer)
     train_step = TrainStep(engine, model, "finetune", spec.on_nonfinite)
     one_step = LoraStep(train_step, optimizer, schedule, params, spec.max_grad_norm)
-    stateful = {"optimizer": optimizer, "scheduler": schedule}
-    return BuiltStep(one_step, model, train_step, collate, trained, stateful)
+    stateful = {"optimizer": engine.checkpointable(model, optimizer), "scheduler": schedule}
+    return BuiltStep(one_step, model, train_step, collate, trained, stateful, [optimizer])

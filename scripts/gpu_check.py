@@ -13,7 +13,8 @@ Parts (--parts, in this order by default):
          stages use (method.SearchStep, step.TrainStep). Reports finite steps, the
          gradient-norm range, skipped steps, s/step, peak memory, the attention tripwire over
          one step, host syncs over three (HostSyncCounter and CUDA's sync debug mode), and
-         the GPU's busy share of three steps (torch.profiler).
+         the GPU's busy share of three steps (torch.profiler). With --distributed fsdp the
+         same steps run FSDP2-sharded (one process: the sharding's own cost).
   bench  scripts/bench_train.py on a Llama-3.2-1B shape: ours vs PEFT + Trainer at batch 8
          (64–256 tokens) and batch 32 (256–1024 tokens); 4N-MFU; OOM is a result.
   tests  pytest -m gpu tests/test_gpu.py.
@@ -60,6 +61,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the same code paths")
     parser.add_argument("--parts", default="scale,bench,tests")
+    parser.add_argument(
+        "--distributed",
+        default="auto",
+        choices=("auto", "fsdp"),
+        help="scale part: fsdp shards it (FSDP2, one process)",
+    )
     parser.add_argument("--search-steps", type=int, default=300)
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -117,18 +124,30 @@ def scale_check(args, out: Path) -> dict:
         lora=LoraSettings(r=8, alpha=16, dropout=0.05),
         device=args.device,
         precision=precision,
+        distributed=args.distributed,
     )
     engine = Engine(settings)
-    torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES["tiny" if args.tiny else "8b"])
-    with torch.device(device):
-        base = LlamaForCausalLM._from_config(
-            config, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
-        )
-    base.requires_grad_(False).eval()
+
+    def random_base():
+        torch.manual_seed(0)
+        config = LlamaConfig(**SHAPES["tiny" if args.tiny else "8b"])
+        with torch.device(device):
+            base = LlamaForCausalLM._from_config(
+                config, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
+            )
+        return base.requires_grad_(False).eval()
+
+    base = random_base()
     result = {"shape": "tiny" if args.tiny else "8b", "parameters": sum(p.numel() for p in base.parameters())}
+    result["distributed"] = args.distributed
     result["search"] = run_search(args, settings, engine, base)
-    result["finetune"] = run_finetune(args, settings, engine, result["search"].pop("model"))
+    searched = result["search"].pop("model")
+    if engine.fsdp:  # a sharded base is not sharded twice: the finetune gets a fresh one
+        del searched, base
+        base = random_base()
+    else:  # the frozen base again, without the search's LoRA and gates
+        base = searched.lm.unload()
+    result["finetune"] = run_finetune(args, settings, engine, base)
     return result
 
 
@@ -169,12 +188,11 @@ def run_search(args, settings, engine, base) -> dict:
     return result
 
 
-def run_finetune(args, settings, engine, searched) -> dict:
+def run_finetune(args, settings, engine, base) -> dict:
     from flexora_cli.modeling import attach_lora
     from flexora_cli.step import AnswerLM, build_lora_step
 
     steps = args.finetune_steps
-    base = searched.lm.unload()  # the frozen base again, without the search's LoRA and gates
     layers = base.config.num_hidden_layers
     model = AnswerLM(attach_lora(base, settings.model, settings.lora, list(range(layers // 2, layers))))
     built = build_lora_step(engine, model, settings, steps, pad_id=0)

@@ -291,6 +291,16 @@ CASES = {
         ["precision=fp16"],
         "precision=fp16 needs a CUDA GPU; use precision=fp32 (or bf16) on CPU",
     ),
+    "darts hypergradient under FSDP": Case(
+        ["search.hypergradient=darts", "distributed=fsdp"],
+        "search.hypergradient=darts needs each process to hold whole LoRA tensors, not FSDP shards; set "
+        "distributed=ddp, or use search.hypergradient=first_order",
+    ),
+    "QLoRA under FSDP": Case(
+        ["model.quantization=4bit", "distributed=fsdp"],
+        "distributed=fsdp cannot shard model.quantization=4bit: FSDP2 has no support for bitsandbytes' "
+        "packed weights; use distributed=ddp for QLoRA, or model.quantization=none",
+    ),
     "unknown precision and zero accumulation": Case(
         ["precision=fp8", "search.grad_accum=0"],
         "invalid settings: search.grad_accum: must be > 0, got 0; precision: 'fp8' is not one of auto, fp32, "

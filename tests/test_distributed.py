@@ -1,4 +1,5 @@
-"""Two processes under `accelerate launch` (DDP over gloo, on CPU) take the same steps as one.
+"""Two processes under `accelerate launch` or torchrun (DDP, or FSDP2 with distributed=fsdp, over
+gloo, on CPU) take the same steps as one, and a checkpoint resumes under another process count.
 
 accelerate's `--cpu` launches several processes only through mpirun, so the test uses its
 torchrun launcher (`--multi_gpu`) with device=cpu: the same DDP code path, over gloo.
@@ -19,6 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from flexora_cli import cli
+from flexora_cli.fsdp import HeldBytes
+from flexora_cli.method import SearchResult
+from flexora_cli.records import FinetuneLog
 from tests.test_checkpoint import _wait_for
 
 LAUNCH = [
@@ -26,6 +30,11 @@ LAUNCH = [
     *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
     *("-m", "flexora_cli.cli"),
 ]
+
+
+def torchrun(*flags: str) -> list[str]:
+    """A torchrun launch of the CLI (with --log-dir, each worker's stdout/stderr go to files there)."""
+    return [sys.executable, "-m", "torch.distributed.run", *flags, "-m", "flexora_cli.cli"]
 
 
 def quick(demo_dir: str, out: Path) -> list[str]:
@@ -70,25 +79,114 @@ def test_two_processes_run_every_stage_like_one(demo_dir, tmp_path):
     assert not list(two_dir.rglob("*.tmp")) and not (two_dir / ".lock").exists()
 
 
-def test_search_stopped_on_two_processes_resumes_on_one(demo_dir, tmp_path, capsys):
-    args = [*quick(demo_dir, tmp_path / "two"), "search.batch_size=4", "checkpoint_every=4"]
-    launch = subprocess.Popen(
-        [*LAUNCH, "search", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+def test_fsdp_on_two_processes_searches_and_finetunes_like_one(demo_dir, tmp_path):
+    """distributed=fsdp (FSDP2 over gloo, one unit per layer, α̂ replicated) takes the
+    one-process steps: α̂ and the adapter to 1e-5 in float32."""
+    sharded, one = tmp_path / "fsdp", tmp_path / "one"
+    done = subprocess.run(
+        [*LAUNCH, "run", *quick(demo_dir, sharded), "distributed=fsdp"], capture_output=True, text=True
     )
-    _wait_for("search/checkpoints/step-*", tmp_path / "two", launch)
-    launch.send_signal(signal.SIGTERM)  # the launcher passes it to both workers
-    launch.communicate()
-    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
-    assert manifest["stages"]["search"]["status"] == "interrupted"
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert cli.main(["run", *quick(demo_dir, one)]) == 0
 
-    assert cli.main(["search", *args]) == 0  # resumed by one process
-    assert "resuming from" in capsys.readouterr().err
-    reference = [*quick(demo_dir, tmp_path / "one"), "search.batch_size=4", "checkpoint_every=4"]
-    assert cli.main(["search", *reference]) == 0
-    assert json.loads((tmp_path / "two" / "search" / "alpha.json").read_text())["steps"] == 64
+    search = SearchResult.from_json(json.loads((sharded / "search" / "alpha.json").read_text()))
+    assert search.num_processes == 2
+    torch.testing.assert_close(torch.tensor(alpha(sharded)), torch.tensor(alpha(one)), rtol=0, atol=1e-5)
+    finetune = FinetuneLog.from_json(json.loads((sharded / "finetune" / "train_log.json").read_text()))
+    for held in (HeldBytes(**search.held_bytes), HeldBytes(**finetune.held_bytes)):
+        assert 0.45 < held.params / held.model_params < 0.55  # half of every unit, α̂ whole
+    assert abs(sum(alpha(sharded))) < 1e-5  # Σα̂ = 0 kept with α̂ replicated
+    adapters = [
+        load_file(str(d / "finetune" / "adapter" / "adapter_model.safetensors")) for d in (one, sharded)
+    ]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, rtol=0, atol=1e-5)
+
+
+ONE_PROCESS = [sys.executable, "-m", "flexora_cli.cli"]
+
+
+def stop_then_resume(first: list[str], then: list[str], args: list[str], out: Path) -> str:
+    """Launch `first` with `args`, stop it (SIGTERM) at its first search checkpoint, resume
+    with `then`; the resumed launch's stderr."""
+    launch = subprocess.Popen([*first, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for("search/checkpoints/step-*", out, launch)
+    launch.send_signal(signal.SIGTERM)  # a launcher passes it to every worker
+    launch.communicate()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["search"]["status"] == "interrupted"
+    resumed = subprocess.run([*then, *args], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return resumed.stderr
+
+
+@pytest.mark.parametrize(
+    ("distributed", "first", "then", "atol"),
+    [
+        ("auto", LAUNCH, ONE_PROCESS, 1e-6),
+        ("fsdp", LAUNCH, ONE_PROCESS, 1e-5),
+        pytest.param(
+            "fsdp",
+            ONE_PROCESS,
+            torchrun("--standalone", "--nproc-per-node", "2"),
+            1e-5,
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["ddp-2-to-1", "fsdp-2-to-1", "fsdp-1-to-2"],
+)
+def test_search_stopped_resumes_under_another_process_count(
+    demo_dir, tmp_path, distributed, first, then, atol
+):
+    """A checkpoint holds whole tensors (gathered from the shards under FSDP), so a search
+    stopped on one process count resumes on another and ends where one process ends."""
+    checkpointed = ["search.batch_size=4", "checkpoint_every=4"]
+    args = ["search", *quick(demo_dir, tmp_path / "stopped"), *checkpointed, f"distributed={distributed}"]
+    assert "resuming from" in stop_then_resume(first, then, args, tmp_path / "stopped")
+    assert cli.main(["search", *quick(demo_dir, tmp_path / "one"), *checkpointed]) == 0
+    assert json.loads((tmp_path / "stopped" / "search" / "alpha.json").read_text())["steps"] == 64
     torch.testing.assert_close(
-        torch.tensor(alpha(tmp_path / "two")), torch.tensor(alpha(tmp_path / "one")), rtol=0, atol=1e-6
+        torch.tensor(alpha(tmp_path / "stopped")), torch.tensor(alpha(tmp_path / "one")), rtol=0, atol=atol
     )
+
+
+@pytest.mark.slow
+def test_fsdp_finetune_killed_resumes_bit_identical_past_a_truncated_checkpoint(demo_dir, tmp_path):
+    """kill -9 of a two-process FSDP run mid-finetune, its newest checkpoint truncated: the
+    relaunch warns once, resumes from the checkpoint before, and ends with the adapter an
+    uninterrupted two-process run writes, bit for bit."""
+    flags = ["finetune.epochs=2", "finetune.batch_size=4", "checkpoint_every=2", "distributed=fsdp"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    launch = subprocess.Popen(
+        [*LAUNCH, "run", *quick(demo_dir, killed), *flags],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # one process group: the launcher and both workers
+    )
+    _wait_for("finetune/checkpoints/step-0000004", killed, launch)
+    kill_launch(launch)
+    launch.communicate()
+    newest = sorted((killed / "finetune" / "checkpoints").glob("step-*"))[-1]
+    weights = newest / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    resumed = subprocess.run(
+        [*LAUNCH, "run", *quick(demo_dir, killed), *flags], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warnings = [
+        line for line in resumed.stderr.splitlines() if line.startswith("warning:") and newest.name in line
+    ]
+    assert len(warnings) == 1, resumed.stderr[-3000:]
+    done = subprocess.run([*LAUNCH, "run", *quick(demo_dir, whole), *flags], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapters = [
+        load_file(str(d / "finetune" / "adapter" / "adapter_model.safetensors")) for d in (killed, whole)
+    ]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
@@ -130,9 +228,12 @@ def test_fsdp_launch_without_gpus_is_one_clear_error(demo_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def torchrun(*flags: str) -> list[str]:
-    """A torchrun launch of the CLI; each worker's stdout/stderr go to files under --log-dir."""
-    return [sys.executable, "-m", "torch.distributed.run", *flags, "-m", "flexora_cli.cli"]
+def kill_launch(launch: subprocess.Popen) -> None:
+    """kill -9 a launch started with start_new_session=True: its workers (torchrun gives each a
+    session of its own), then the launcher's process group."""
+    for worker in Path(f"/proc/{launch.pid}/task/{launch.pid}/children").read_text().split():
+        os.kill(int(worker), signal.SIGKILL)
+    os.killpg(launch.pid, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -149,12 +250,15 @@ def worker_stderr(log_dir: Path) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize(
+    "distributed", ["auto", pytest.param("fsdp", marks=pytest.mark.slow)], ids=["ddp", "fsdp"]
+)
 @pytest.mark.parametrize("failing", [0, 1])
-def test_a_failure_on_one_process_ends_every_process_with_its_error(demo_dir, tmp_path, failing):
+def test_a_failure_on_one_process_ends_every_process_with_its_error(demo_dir, tmp_path, failing, distributed):
     out, logs = tmp_path / "run", tmp_path / "logs"
     launch = torchrun("--nproc-per-node", "2", "--log-dir", str(logs), "--redirects", "3")
     done = subprocess.run(
-        [*launch, "search", *quick(demo_dir, out)],
+        [*launch, "search", *quick(demo_dir, out), f"distributed={distributed}"],
         env={**os.environ, "FLEXORA_FAULT": f"search:3:{failing}"},
         capture_output=True,
         text=True,
@@ -195,10 +299,7 @@ def test_two_nodes_match_one_process_and_resume_after_a_node_is_killed(demo_dir,
     nodes = [node(0), node(1)]
     _wait_for("search/checkpoints/step-*", out, nodes[0])
     assert nodes[1].poll() is None, nodes[1].communicate()
-    # Node 1 gone without a word: its worker (torchrun gives it a session of its own), then its launcher.
-    for worker in Path(f"/proc/{nodes[1].pid}/task/{nodes[1].pid}/children").read_text().split():
-        os.kill(int(worker), signal.SIGKILL)
-    os.killpg(nodes[1].pid, signal.SIGKILL)
+    kill_launch(nodes[1])  # node 1 gone without a word
     _, err = nodes[0].communicate(timeout=300)  # a hang guard: node 0 must exit on its own
     assert nodes[0].returncode != 0
     nodes[1].communicate()

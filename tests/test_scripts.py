@@ -38,6 +38,17 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_dry_run_under_fsdp(tmp_path):
+    """The scale part sharded by FSDP2 (one process over gloo): every step finite."""
+    script("scripts/gpu_check.py", "--out", str(tmp_path), "--device", "cpu", "--tiny", "--parts", "scale",
+           "--search-steps", "12", "--finetune-steps", "12", "--distributed", "fsdp")  # fmt: skip
+    scale = json.loads((tmp_path / "report.json").read_text())["scale"]
+    assert "error" not in scale, scale.get("error")
+    for stage in ("search", "finetune"):
+        assert scale[stage]["all_finite"] and scale[stage]["steps_run"] == 12, scale[stage]
+
+
+@pytest.mark.slow
 def test_gpu_check_reports_a_nonfinite_step_as_a_result(tmp_path):
     """A NaN from step 5 on: the loop's guard read at step 10 names step 5 and the first non-finite
     module, and the part records it as a result, not as a broken part."""

@@ -104,3 +104,40 @@ def test_scorer_equals_a_plain_forward_on_20_examples(smollm2):
             targets = torch.tensor(continuation)
             plain = logprobs[len(context) - 1 :].gather(1, targets[:, None]).sum()
             assert value == pytest.approx(float(plain), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_gguf_export_of_the_real_model_reloads_its_weights(smollm2, tmp_path):
+    """gguf_export on SmolLM2 (tied head, 9 query / 3 key-value heads): the f16 file reloads in
+    transformers with the logits of the model rounded to f16 (to 1e-4: nothing lost but the
+    rounding, which alone moves them by up to 0.05 of 29), the same tokens, and the
+    pre-tokenizer the source GGUF names; f32 reloads within 1e-2 of the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexora_cli.gguf_export import check_exportable, write_gguf
+    from flexora_cli.settings import Settings
+    from flexora_cli.stages.export import _pre_tokenizer
+
+    settings, tokenizer = smollm2
+    model = load_model(settings.model, torch.device("cpu"), "fp32")
+    check_exportable(model.config, tokenizer)
+    tokenizer.save_pretrained(tmp_path)
+    pre = _pre_tokenizer(Settings(model=settings.model))
+    assert pre == "smollm"
+    text = "The capital of France is Paris, and the capital of Italy is"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids).logits
+        for gguf_type in ("f32", "f16"):
+            write_gguf(model, tmp_path, tmp_path / f"model-{gguf_type}.gguf", gguf_type, pre)
+            reloaded = AutoModelForCausalLM.from_pretrained(
+                str(tmp_path), gguf_file=f"model-{gguf_type}.gguf", dtype=torch.float32
+            ).eval()
+            if gguf_type == "f32":
+                torch.testing.assert_close(reloaded(ids).logits, want, rtol=0, atol=1e-2)
+        for parameter in model.parameters():  # the f16 file's weights, as transformers reads them
+            if parameter.ndim == 2:
+                parameter.copy_(parameter.half().float())
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model-f16.gguf")
+    assert gguf_tokenizer(text, return_tensors="pt").input_ids.tolist() == ids.tolist()

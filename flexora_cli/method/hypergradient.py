@@ -381,7 +381,7 @@ def check_launch(kind: str, engine) -> None:
     if kind != "first_order" and engine.shards_parameters:
         raise ConfigError(
             f"search.hypergradient={kind} needs each process to hold whole LoRA tensors, not FSDP "
-            f"shards; launch with DDP (or one process), or use search.hypergradient=first_order"
+            f"shards; set distributed=ddp, or use search.hypergradient=first_order"
         )
     if kind == "unrolled" and engine.num_processes > 1:
         raise ConfigError(

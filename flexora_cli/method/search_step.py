@@ -29,6 +29,7 @@ def build_search_step(engine, base, settings, total_steps: int, pad_id: int) -> 
     beside the step), the authors' optimizers, settings.search's clipping and non-finite rule."""
     search = settings.search
     model, gates = gated_lora_model(base, settings)
+    model = engine.shard(model, settings.model.layers_path, replicated=list(gates.parameters()))
     lora = trainable_parameters(model.lm)
     optimizer, schedule, alpha_optimizer = search_optimizers(lora, gates, search, total_steps)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -36,9 +37,11 @@ def build_search_step(engine, base, settings, total_steps: int, pad_id: int) -> 
     model, optimizer, alpha_optimizer = engine.prepare(model, optimizer, alpha_optimizer)
     train_step = TrainStep(engine, model, "search", search.on_nonfinite)
     one_step = SearchStep(train_step, (optimizer, schedule, alpha_optimizer), lora, gates, search)
-    stateful = {"optimizer": optimizer, "scheduler": schedule, "alpha_optimizer": alpha_optimizer}
+    stateful = {"optimizer": engine.checkpointable(model, optimizer), "scheduler": schedule}
+    stateful["alpha_optimizer"] = alpha_optimizer  # α̂ is whole on every process
     stateful["hypergradient"] = one_step.hypergradient  # unrolled: the last K steps' states
-    return BuiltStep(one_step, model, train_step, collate, trained, stateful), gates
+    optimizers = [optimizer, alpha_optimizer]
+    return BuiltStep(one_step, model, train_step, collate, trained, stateful, optimizers), gates
 
 
 class SearchStep:

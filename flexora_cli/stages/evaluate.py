@@ -50,6 +50,8 @@ def run(cfg: DictConfig | Settings) -> EvalMetrics:
         )
     lm_eval = settings.eval.evaluator == "lm_eval"
     engine = Engine(settings, settings.eval.precision)
+    if settings.distributed == "fsdp" and engine.num_processes > 1:
+        report.line("eval: not sharded; each process scores its share of the rows with the whole model")
     lm_eval_tasks = lm_evaluator.task_manager(settings, engine.num_processes) if lm_eval else None
     evaluator = f"lm-eval {lm_evaluator.version()}" if lm_eval else "flexora"
     eval_format = None if lm_eval else settings.eval.format or settings.format

@@ -25,6 +25,7 @@ from flexora_cli.data.datasets import Part, load_part
 from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
+from flexora_cli.fsdp import HeldBytes
 from flexora_cli.manifest import Manifest
 from flexora_cli.method import Selection
 from flexora_cli.model_card import write_model_card
@@ -90,7 +91,7 @@ def run(cfg: DictConfig | Settings) -> FinetuneLog:
     this_run = time.time() - started  # tokens count this run only
     tokens_per_second = round(tokens / this_run, 1) if this_run else None
     result = finetune_result(layers, lora_step.params, batches, engine, loop, tokens_per_second)
-    result.partition = part.record()
+    result.partition, result.held_bytes = part.record(), built.held_bytes()
     write_outputs(run_dir, engine, result)
     write_model_card(run_dir, settings, "finetune")
     loop.finish([run_dir.adapter_dir], inputs=("select",), logs=(run_dir.finetune_log_json,))
@@ -154,6 +155,7 @@ def write_outputs(run_dir: RunDir, engine: Engine, result: FinetuneLog) -> None:
         f"LoRA on layers {result.layers}: {result.trainable_params:,} parameters",
         f"{result.steps} steps in {result.seconds:.0f}s on {engine.num_processes} process(es), "
         f"{engine.precision}; padding {result.padding_waste:.0%} of tokens",
+        HeldBytes(**result.held_bytes).describe(),
     ]
     files = [run_dir.adapter_dir, run_dir.finetune_log_json, run_dir.finetune_loss_png]
     report.result(report.stage_panel("finetune", facts, files + [run_dir.root / "logs" / "finetune"]))
@@ -167,7 +169,7 @@ def _initial_adapter(peft_model, settings: Settings, engine: Engine, scratch: Pa
     if engine.shards_parameters:
         raise ConfigError(
             f"lora.init={settings.lora.init}: not under FSDP (peft converts the adapter from whole "
-            "parameters); launch finetune with DDP, or use lora.init=default"
+            "parameters); set distributed=ddp, or use lora.init=default"
         )
     return save_initial_adapter(peft_model, scratch)
 

@@ -20,6 +20,7 @@ from flexora_cli.data.datasets import carve_validation, load_part, part_split
 from flexora_cli.data.prompts import model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
+from flexora_cli.fsdp import HeldBytes
 from flexora_cli.manifest import Manifest
 from flexora_cli.method import (
     LayerGates,
@@ -72,7 +73,7 @@ def run(cfg: DictConfig | Settings) -> SearchResult:
 
     # -- save -----------------------------------------------------------------------------------
     result = search_result(gates, params_per_layer, settings, engine, loop, loop.seconds())
-    result.partition = partition
+    result.partition, result.held_bytes = partition, built.held_bytes()
     write_outputs(settings, run_dir, engine, result)
     loop.finish([run_dir.alpha_json])
     return result
@@ -162,6 +163,7 @@ def write_outputs(settings: Settings, run_dir: RunDir, engine: Engine, result: S
         f"{result.steps} steps in {result.seconds:.0f}s on {engine.num_processes} process(es), "
         f"{engine.precision}; hypergradient {result.hypergradient}",
         f"top layers: {', '.join(map(str, result.ranking[:5]))}; padding {result.padding_waste:.0%} of tokens",
+        HeldBytes(**result.held_bytes).describe(),
     ]
     files = [run_dir.alpha_json, run_dir.alpha_png, run_dir.search_loss_png, run_dir.root / "logs" / "search"]
     report.result(report.stage_panel("search", facts, files))
