@@ -55,14 +55,15 @@ def check_exportable(config, tokenizer) -> None:
         )
 
 
-def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, pre_tokenizer: str) -> None:
-    """Write `model` (a merged transformers model, check_exportable) to `path` with the
-    tokenizer saved in `tokenizer_dir`; `pre_tokenizer` is llama.cpp's name for its pre-tokenizer."""
+def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, gguf_type: str, pre_tokenizer: str) -> None:
+    """Write `model` (a merged transformers model, check_exportable) to `path` with `tokenizer`,
+    whose files are saved in `tokenizer_dir`; `pre_tokenizer` is llama.cpp's name for its
+    pre-tokenizer."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch="llama")
     _hyperparameters(writer, model.config, gguf_type)
-    _tokenizer(writer, tokenizer_dir, model.config.vocab_size, pre_tokenizer)
+    _tokenizer(writer, tokenizer, tokenizer_dir, model.config.vocab_size, pre_tokenizer)
     for name, tensor in _tensors(model):
         _add_tensor(writer, name, tensor, gguf_type)
     writer.write_header_to_file()
@@ -98,13 +99,11 @@ def _hyperparameters(writer, config, gguf_type: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _tokenizer(writer, tokenizer_dir: Path, vocab_size: int, pre_tokenizer: str) -> None:
+def _tokenizer(writer, tokenizer, tokenizer_dir: Path, vocab_size: int, pre_tokenizer: str) -> None:
     """Tokens by id (padded to the model's vocabulary as llama.cpp's converter pads), their types,
-    then merges, special ids and chat template."""
+    then merges, special ids and chat template (read from the files in `tokenizer_dir`)."""
     import gguf
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     special = set(tokenizer.all_special_ids)
     added = {index for index in tokenizer.added_tokens_decoder}
@@ -115,8 +114,12 @@ def _tokenizer(writer, tokenizer_dir: Path, vocab_size: int, pre_tokenizer: str)
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(by_id[index])
-        kind = gguf.TokenType.CONTROL if index in special else gguf.TokenType.USER_DEFINED
-        types.append(kind if index in added or index in special else gguf.TokenType.NORMAL)
+        if index in special:
+            types.append(gguf.TokenType.CONTROL)
+        elif index in added:
+            types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer)
     writer.add_token_list(tokens)

@@ -129,7 +129,7 @@ def test_gguf_export_of_the_real_model_reloads_its_weights(smollm2, tmp_path):
     with torch.no_grad():
         want = model(ids).logits
         for gguf_type in ("f32", "f16"):
-            write_gguf(model, tmp_path, tmp_path / f"model-{gguf_type}.gguf", gguf_type, pre)
+            write_gguf(model, tokenizer, tmp_path, tmp_path / f"model-{gguf_type}.gguf", gguf_type, pre)
             reloaded = AutoModelForCausalLM.from_pretrained(
                 str(tmp_path), gguf_file=f"model-{gguf_type}.gguf", dtype=torch.float32
             ).eval()

@@ -46,7 +46,9 @@ def run(cfg: DictConfig | Settings) -> dict:
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if gguf_file:
-                write_gguf(merged, tmp, tmp / gguf_file.name, export.gguf_type, _pre_tokenizer(settings))
+                write_gguf(
+                    merged, tokenizer, tmp, tmp / gguf_file.name, export.gguf_type, _pre_tokenizer(settings)
+                )
         manifest.complete("export", settings, [run_dir.export_dir], inputs=("finetune",))
     facts = [f"adapter merged into {settings.model.name_or_path}; loads with AutoModelForCausalLM, no peft"]
     if gguf_file:
