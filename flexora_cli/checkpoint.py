@@ -1,11 +1,13 @@
 """Mid-stage checkpoints: everything a training stage needs to continue exactly where it stopped.
 
 A checkpoint is a folder `<stage>/checkpoints/step-NNNNNNN/` written atomically:
-- `weights.safetensors`: the trainable tensors (LoRA matrices, and α̂ in the search), whole
-  (gathered from the shards under distributed=fsdp, so any process count resumes);
-- `state.pt`: optimizer and scheduler states, the step, the loss history, every RNG state
-  (python, numpy, torch, CUDA) and the settings the stage ran with; read with weights_only=True;
-- `files.json`: the size and sha256 of both, checked before either is trusted.
+- `weights.safetensors`: the trainable tensors (LoRA matrices, and α̂ in the search), whole;
+- or, under distributed=fsdp, `shards/`: the same tensors and the optimizer's state as DCP writes
+  them, each process its own shards (fsdp.save_shards), resharded for any process count;
+- `state.pt`: the other optimizer and scheduler states, the step, the loss history, every RNG
+  state (python, numpy, torch, CUDA) and the settings the stage ran with; read with
+  weights_only=True;
+- `files.json`: the size and sha256 of every file, checked before any is trusted.
 The data position follows from the step (batch orders are seeded per epoch), so it is not stored.
 A damaged newest checkpoint is reported in one line and the previous kept one is used instead.
 """
@@ -24,8 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from flexora_cli import fsdp
 from flexora_cli.errors import ConfigError, DamagedArtifactError, FlexoraError
-from flexora_cli.fsdp import copy_whole_, full_tensor
 from flexora_cli.manifest import file_problems, fingerprint, settings_differences, stage_settings
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings
@@ -60,6 +62,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+WEIGHTS = "weights.safetensors"
+SHARDS = "shards"
+
+
 class Checkpoints:
     """The checkpoints of one training stage, over the live objects they save and restore.
 
@@ -80,6 +86,8 @@ class Checkpoints:
         self.run_dir, self.stage, self.settings = run_dir, stage, settings
         self.trained, self.stateful, self.engine = trained, stateful, engine
         self.dir = run_dir.checkpoints_dir(stage)
+        self.sharded = engine is not None and engine.fsdp
+        """Whether the tensors go through DCP as shards (distributed=fsdp) or whole into safetensors."""
         self.seconds_before, self._clock = 0.0, time.monotonic()
 
     def elapsed(self) -> float:
@@ -123,10 +131,12 @@ class Checkpoints:
                     f"{self.dir}); add force=true to start {self.stage} over"
                 )
             return 0, []
-        for name, parameter in self.trained.items():  # in place: the optimizers keep their references
-            copy_whole_(parameter, tensors[name])
+        with torch.no_grad():  # in place: the optimizers keep their references
+            for name, whole in tensors.items():
+                self.trained[name].copy_(whole.to(self.trained[name].device, self.trained[name].dtype))
         for name, obj in self.stateful.items():
-            obj.load_state_dict(state[name])
+            if name in state:  # the others were loaded with the shards
+                obj.load_state_dict(state[name])
         self.seconds_before, self._clock = state.get("seconds", 0.0), time.monotonic()
         report.console.print(
             f"{self.stage}: resuming from {path} (step {state['step']}, "
@@ -151,31 +161,46 @@ class Checkpoints:
             return
         if not self.due(step) and not requested:
             return
-        saved = self.save(step, {"history": history, **{n: o.state_dict() for n, o in self.stateful.items()}})
+        saved = self.save(step, history)
         if requested:
             stop.stop(self.stage, step, saved)
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
+    def save(self, step: int, history: list[dict]) -> Path:
         """Write checkpoint `step` atomically, then keep only the newest `keep_checkpoints`."""
         path = self.dir / f"step-{step:07d}"
-        tensors = {k: full_tensor(v).contiguous() for k, v in self.trained.items()}  # every process gathers
-        if not self.run_dir.writes:
-            return path
+        sharded = self._sharded_objects()
+        state = {n: o.state_dict() for n, o in self.stateful.items() if n not in sharded}
         full_state = {
             **state,
+            "history": history,
             "step": step,
             "seconds": self.elapsed(),
             "rng": rng_state(),
             "settings": stage_settings(self.stage, self.settings),
         }
         with self.run_dir.atomic_dir(path) as tmp:
-            save_file(tensors, str(tmp / "weights.safetensors"))
-            torch.save(full_state, tmp / "state.pt")
-            files = fingerprint([tmp / "weights.safetensors", tmp / "state.pt"], tmp)
-            (tmp / "files.json").write_text(json.dumps(files, indent=2))
-        for old in sorted(self.dir.glob("step-*"))[: -self.settings.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            if self.sharded:  # every process writes its shards into the main process's folder
+                fsdp.save_shards(self._live(sharded), fsdp.main_process_path(tmp) / SHARDS)
+            if self.run_dir.writes:
+                if not self.sharded:
+                    whole = {k: v.detach().cpu().contiguous() for k, v in self.trained.items()}
+                    save_file(whole, str(tmp / WEIGHTS))
+                torch.save(full_state, tmp / "state.pt")
+                files = fingerprint(sorted(f for f in tmp.rglob("*") if f.is_file()), tmp)
+                (tmp / "files.json").write_text(json.dumps(files, indent=2))
+        if self.run_dir.writes:
+            for old in sorted(self.dir.glob("step-*"))[: -self.settings.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def _sharded_objects(self) -> dict[str, Any]:
+        """The stateful objects whose state is saved as shards (under distributed=fsdp)."""
+        return {n: o for n, o in self.stateful.items() if isinstance(o, fsdp.ShardedOptimizerState)}
+
+    def _live(self, sharded: dict[str, Any]) -> dict[str, Any]:
+        """What DCP saves and loads in place: the trained tensors (detached views of the live
+        parameters) and the sharded objects."""
+        return {"trained": {k: v.detach() for k, v in self.trained.items()}, **sharded}
 
     def load(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and state of a checkpoint; refuses one made with other settings
@@ -192,9 +217,21 @@ class Checkpoints:
                 f"{path} was made with other settings ({'; '.join(differing[:6])}); rerun with the "
                 f"same settings to resume, or add force=true to start {self.stage} over"
             )
-        tensors = load_file(str(path / "weights.safetensors"))
-        if missing := sorted(set(self.trained) - set(tensors)):
-            raise DamagedArtifactError(f"{self.stage}: checkpoint {path} lacks {', '.join(missing[:3])}")
+        if self.sharded != (path / SHARDS).is_dir():
+            held = (
+                "whole tensors (distributed=auto or ddp)" if not (path / SHARDS).is_dir() else "FSDP shards"
+            )
+            raise ConfigError(
+                f"{path} holds {held}, which distributed={self.settings.distributed} cannot resume; rerun "
+                f"with the distributed= it was made with, or add force=true to start {self.stage} over"
+            )
+        if self.sharded:  # straight into the live shards; nothing whole is left to copy
+            fsdp.load_shards(self._live(self._sharded_objects()), path / SHARDS)
+            tensors = {}
+        else:
+            tensors = load_file(str(path / WEIGHTS))
+            if missing := sorted(set(self.trained) - set(tensors)):
+                raise DamagedArtifactError(f"{self.stage}: checkpoint {path} lacks {', '.join(missing[:3])}")
         set_rng_state(state["rng"])
         return tensors, state
 

@@ -129,7 +129,7 @@ class Engine:
     @property
     def sharded_by_accelerate(self) -> bool:
         """Under accelerate's FSDP plugin (an accelerate config), where mid-stage checkpoints are
-        off; distributed=fsdp checkpoints whole tensors (fsdp.py)."""
+        off; distributed=fsdp writes sharded ones (fsdp.py)."""
         from accelerate.utils import DistributedType
 
         return self.accelerator.distributed_type == DistributedType.FSDP
@@ -165,9 +165,9 @@ class Engine:
         return self.accelerator.prepare(model, *optimizers)
 
     def checkpointable(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        """What a checkpoint saves of `optimizer`: under distributed=fsdp its whole state
-        (fsdp.WholeOptimizerState), else the optimizer itself."""
-        return fsdp.WholeOptimizerState(model, optimizer) if self.fsdp else optimizer
+        """What a checkpoint saves of `optimizer`: under distributed=fsdp its state as shards
+        (fsdp.ShardedOptimizerState), else the optimizer itself."""
+        return fsdp.ShardedOptimizerState(model, optimizer) if self.fsdp else optimizer
 
     def average_replicated_gradients(self, params: list[nn.Parameter]) -> None:
         """Under distributed=fsdp, average across processes the gradients FSDP does not (α̂);

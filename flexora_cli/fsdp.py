@@ -13,16 +13,18 @@ tested, on CPU over gloo). What this module owns:
   process holds all of it, and its gradient is averaged across processes by
   `average_replicated_gradients`, as FSDP averages the LoRA gradients, so Σα̂ = 0 stays exact on
   every process.
-- **Whole tensors out.** The final adapter and the checkpoints are gathered into whole tensors
-  (`full_tensor`, `full_model_state`, `WholeOptimizerState`), as torchtune's LoRA recipes save
-  adapters; they load back under any process count (`copy_whole_`, which shards them again).
-  Only LoRA, α̂ and their optimizer state are saved, a fraction of a percent of the base, so no
-  process needs the base whole at any point.
+- **Sharded checkpoints.** Mid-stage checkpoints go through torch.distributed.checkpoint (DCP):
+  each process writes only its shards of the LoRA matrices and of their optimizer state
+  (`save_shards`, `ShardedOptimizerState`), and DCP reshards them when another process count
+  resumes (`load_shards`). Only the trained parameters are saved, never the frozen base.
+- **Whole tensors out.** The final adapter is gathered into whole tensors (`full_model_state`),
+  as torchtune's LoRA recipes save adapters: a plain PEFT adapter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -93,12 +95,6 @@ def held_bytes(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Hel
     )
 
 
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (a collective: every process calls it) on the CPU."""
-    whole = tensor.full_tensor() if is_sharded(tensor) else tensor
-    return whole.detach().cpu()
-
-
 def local_norm(norm: torch.Tensor) -> torch.Tensor:
     """clip_grad_norm_'s total norm as a plain tensor (over sharded gradients it is a DTensor)."""
     return norm.full_tensor() if is_sharded(norm) else norm
@@ -118,41 +114,47 @@ def average_replicated_gradients(params: list[nn.Parameter]) -> None:
         grad.copy_(chunk.view_as(grad))
 
 
-@torch.no_grad()
-def copy_whole_(parameter: torch.Tensor, whole: torch.Tensor) -> None:
-    """Set `parameter` (sharded or not) from its whole value, e.g. read from a checkpoint."""
-    if is_sharded(parameter):
-        from torch.distributed.tensor import distribute_tensor
-
-        whole = distribute_tensor(
-            whole.to(parameter.device, parameter.dtype), parameter.device_mesh, parameter.placements
-        )
-    parameter.copy_(whole.to(parameter.device, parameter.dtype))
-
-
-class WholeOptimizerState:
-    """A sharded model's optimizer as checkpoints see it: `state_dict()` gathers whole tensors
-    (keyed by parameter name, on the main process) and `load_state_dict` shards them again, for
-    any process count."""
+class ShardedOptimizerState:
+    """A sharded model's optimizer as a checkpoint sees it (DCP's Stateful): its state as DTensor
+    shards keyed by parameter name, so each process saves and loads only its own shards, and DCP
+    reshards them when another process count resumes."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
 
-    def _options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
     def state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+        return get_optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        options = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state, options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state)
+
+
+def save_shards(state: dict, folder: Path) -> None:
+    """Every process writes its shards of `state` (tensors, DTensors, ShardedOptimizerState) to
+    `folder` through DCP: one file per process, and `.metadata`, written by the main process once
+    every other has written (so when the main process returns, the folder is whole)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=folder)
+
+
+def load_shards(state: dict, folder: Path) -> None:
+    """Load `folder` (save_shards) into the live tensors and objects of `state`, in place; DCP
+    reads whichever saved shards overlap this process's, for any process count."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=folder)
+
+
+def main_process_path(path: Path) -> Path:
+    """The main process's `path` on every process (e.g. the temp folder it writes a checkpoint in)."""
+    shared = [str(path)]
+    dist.broadcast_object_list(shared, src=0)
+    return Path(shared[0])
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

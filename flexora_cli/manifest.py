@@ -55,13 +55,13 @@ def settings_differences(saved: Any, current: Any, prefix: str = "") -> list[str
 
 
 def fingerprint(paths: list[Path], root: Path) -> dict[str, dict]:
-    """Size and sha256 of every file in `paths` (folders walked, their model card left out: eval
-    rewrites it), keyed by path relative to root."""
+    """Size and sha256 of every file in `paths` (folders walked, their hidden files and model card
+    left out: eval rewrites it; files named in `paths` always in), keyed by path relative to root."""
     files = sorted(
         f
         for p in paths
         for f in ([p] if p.is_file() else p.rglob("*"))
-        if f.is_file() and not f.name.startswith(".") and (f == p or f.name != MODEL_CARD)
+        if f.is_file() and (f == p or not (f.name.startswith(".") or f.name == MODEL_CARD))
     )
     return {str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": sha256_of(f)} for f in files}
 

@@ -232,7 +232,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     try:
         with _disk_full_is_clear(path):
             yield tmp
-            for item in tmp.iterdir():
+            for item in tmp.rglob("*"):  # a checkpoint's shards/ included
                 if item.is_file():
                     with open(item, "rb+") as handle:
                         os.fsync(handle.fileno())

@@ -32,7 +32,7 @@ def test_rng_state_round_trip():
 def test_checkpoint_from_other_settings_is_refused(tiny_cfg):
     settings = load(tiny_cfg())
     run_dir = RunDir(settings.out_dir)
-    Checkpoints(run_dir, "search", settings, {"w": torch.ones(2)}, {}).save(3, {"history": []})
+    Checkpoints(run_dir, "search", settings, {"w": torch.ones(2)}, {}).save(3, [])
     other = load(tiny_cfg("lora=r8", "search.lr=0.5"))
     checkpoints = Checkpoints(run_dir, "search", other, {"w": torch.ones(2)}, {})
     with pytest.raises(
@@ -47,7 +47,7 @@ def test_keeps_only_the_newest_checkpoints(tiny_cfg):
     checkpoints = Checkpoints(RunDir(settings.out_dir), "finetune", settings, {"w": weight}, {})
     for step in (1, 2, 3):
         weight.fill_(float(step))
-        checkpoints.save(step, {"history": []})
+        checkpoints.save(step, [])
     assert [p.name for p in sorted(checkpoints.dir.iterdir())] == ["step-0000002", "step-0000003"]
     tensors, state = checkpoints.load(checkpoints.latest())
     assert state["step"] == 3 and tensors["w"].tolist() == [3.0, 3.0]
@@ -58,7 +58,7 @@ def test_elapsed_seconds_carry_over_a_resume(tiny_cfg, monkeypatch):
     run_dir = RunDir(settings.out_dir)
     first = Checkpoints(run_dir, "search", settings, {"w": torch.ones(2)}, {})
     first.seconds_before = 100.0  # as if 100 s had been trained before this checkpoint
-    first.save(3, {"history": []})
+    first.save(3, [])
     second = Checkpoints(run_dir, "search", settings, {"w": torch.zeros(2)}, {})
     assert second.resume() == (3, [])
     clock = second._clock

@@ -109,13 +109,21 @@ ONE_PROCESS = [sys.executable, "-m", "flexora_cli.cli"]
 
 def stop_then_resume(first: list[str], then: list[str], args: list[str], out: Path) -> str:
     """Launch `first` with `args`, stop it (SIGTERM) at its first search checkpoint, resume
-    with `then`; the resumed launch's stderr."""
+    with `then`; the resumed launch's stderr. Before that, resuming under the other checkpoint
+    format (whole tensors or FSDP shards) is refused in one line, the checkpoint left as it was."""
     launch = subprocess.Popen([*first, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for("search/checkpoints/step-*", out, launch)
     launch.send_signal(signal.SIGTERM)  # a launcher passes it to every worker
     launch.communicate()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["search"]["status"] == "interrupted"
+    other = "distributed=auto" if "distributed=fsdp" in args else "distributed=fsdp"
+    refused = subprocess.run([*ONE_PROCESS, *args, other], capture_output=True, text=True)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode != 0 and len(errors) == 1 and "cannot resume" in errors[0], refused.stderr[
+        -2000:
+    ]
+    assert "Traceback" not in refused.stderr
     resumed = subprocess.run([*then, *args], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return resumed.stderr
@@ -139,7 +147,7 @@ def stop_then_resume(first: list[str], then: list[str], args: list[str], out: Pa
 def test_search_stopped_resumes_under_another_process_count(
     demo_dir, tmp_path, distributed, first, then, atol
 ):
-    """A checkpoint holds whole tensors (gathered from the shards under FSDP), so a search
+    """A checkpoint holds whole tensors, or under FSDP shards that DCP reshards, so a search
     stopped on one process count resumes on another and ends where one process ends."""
     checkpointed = ["search.batch_size=4", "checkpoint_every=4"]
     args = ["search", *quick(demo_dir, tmp_path / "stopped"), *checkpointed, f"distributed={distributed}"]
@@ -152,36 +160,41 @@ def test_search_stopped_resumes_under_another_process_count(
 
 
 @pytest.mark.slow
-def test_fsdp_finetune_killed_resumes_bit_identical_past_a_truncated_checkpoint(demo_dir, tmp_path):
-    """kill -9 of a two-process FSDP run mid-finetune, its newest checkpoint truncated: the
-    relaunch warns once, resumes from the checkpoint before, and ends with the adapter an
-    uninterrupted two-process run writes, bit for bit."""
+@pytest.mark.parametrize(
+    ("stage", "launcher"), [("search", ONE_PROCESS), ("finetune", LAUNCH)], ids=["search-1", "finetune-2"]
+)
+def test_fsdp_killed_resumes_bit_identical_past_a_truncated_shard(demo_dir, tmp_path, stage, launcher):
+    """kill -9 of an FSDP run (one process mid-search, two mid-finetune), one shard of its newest
+    checkpoint truncated: the relaunch warns once, resumes from the checkpoint before, and ends
+    with the α̂ and adapter an uninterrupted run of the same launch writes, bit for bit."""
     flags = ["finetune.epochs=2", "finetune.batch_size=4", "checkpoint_every=2", "distributed=fsdp"]
+    flags += ["search.batch_size=4"] if stage == "search" else []
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     launch = subprocess.Popen(
-        [*LAUNCH, "run", *quick(demo_dir, killed), *flags],
+        [*launcher, "run", *quick(demo_dir, killed), *flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # one process group: the launcher and both workers
+        start_new_session=True,  # one process group: the launcher and its workers
     )
-    _wait_for("finetune/checkpoints/step-0000004", killed, launch)
+    _wait_for(f"{stage}/checkpoints/step-0000004", killed, launch)
     kill_launch(launch)
     launch.communicate()
-    newest = sorted((killed / "finetune" / "checkpoints").glob("step-*"))[-1]
-    weights = newest / "weights.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+    newest = sorted((killed / stage / "checkpoints").glob("step-*"))[-1]
+    shard = sorted((newest / "shards").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
 
     resumed = subprocess.run(
-        [*LAUNCH, "run", *quick(demo_dir, killed), *flags], capture_output=True, text=True
+        [*launcher, "run", *quick(demo_dir, killed), *flags], capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     warnings = [
         line for line in resumed.stderr.splitlines() if line.startswith("warning:") and newest.name in line
     ]
     assert len(warnings) == 1, resumed.stderr[-3000:]
-    done = subprocess.run([*LAUNCH, "run", *quick(demo_dir, whole), *flags], capture_output=True, text=True)
+    done = subprocess.run([*launcher, "run", *quick(demo_dir, whole), *flags], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert alpha(killed) == alpha(whole)
     adapters = [
         load_file(str(d / "finetune" / "adapter" / "adapter_model.safetensors")) for d in (killed, whole)
     ]

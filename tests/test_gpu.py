@@ -42,7 +42,7 @@ def test_fp16_checkpoints_keep_the_loss_scaler(tiny_cfg):
     checkpoints = Checkpoints(
         RunDir(settings.out_dir), "search", settings, {"w": torch.ones(2)}, stateful, engine
     )
-    path = checkpoints.save(1, {"history": [], "scaler": stateful["scaler"].state_dict()})
+    path = checkpoints.save(1, [])
     _, state = checkpoints.load(path)
     assert state["scaler"]["scale"] == stateful["scaler"].get_scale()
 
