@@ -22,7 +22,7 @@ from torch import nn
 
 from flexora_cli import fsdp, report
 from flexora_cli.errors import ConfigError, FlexoraError, TrainingError
-from flexora_cli.modeling import emulates_bf16, get_layers, resolve_device, resolve_precision
+from flexora_cli.modeling import compile_layers, emulates_bf16, get_layers, resolve_device, resolve_precision
 from flexora_cli.rundir import RunDir
 from flexora_cli.settings import Settings, flatten
 
@@ -93,6 +93,8 @@ class Engine:
         self.fsdp = settings.distributed == "fsdp" and scoring_precision is None
         """Training under FSDP2, driven by fsdp.py (not accelerate's FSDP plugin); scoring keeps
         whole models."""
+        self.compile = settings.compile and scoring_precision is None
+        """Compile the training step's layers (shard_and_compile); eval compiles its own."""
         self._check_distributed(settings.distributed, settings.model.quantization)
         if wanted.type == "cuda":  # process-wide, so activation recomputation in backward obeys it too
             torch.backends.cuda.enable_cudnn_sdp(settings.cudnn_attention)
@@ -125,6 +127,11 @@ class Engine:
             )
         if self.fsdp and self.precision == "fp16":
             raise ConfigError("distributed=fsdp has no fp16 loss scaler; use precision=bf16 (or fp32)")
+        if self.fsdp and self.compile:
+            raise ConfigError(
+                "compile=true with distributed=fsdp has not been checked (FSDP2's hooks inside the "
+                "compiled layers); use one of them, or distributed=ddp with compile=true"
+            )
 
     @property
     def sharded_by_accelerate(self) -> bool:
@@ -146,10 +153,15 @@ class Engine:
             return fsdp.full_model_state(model)
         return self.accelerator.get_state_dict(model)
 
-    def shard(self, model: nn.Module, layers_path: str, replicated: list[nn.Parameter]) -> nn.Module:
+    def shard_and_compile(
+        self, model: nn.Module, layers_path: str, replicated: list[nn.Parameter]
+    ) -> nn.Module:
         """Under distributed=fsdp, shard `model` (an AnswerLM) in place, one unit per layer at
-        `layers_path`, `replicated` kept whole (fsdp.shard); else `model` as it is. Before the
-        optimizers are built: sharding replaces the parameters."""
+        `layers_path`, `replicated` kept whole (fsdp.shard); with compile=true, compile each of
+        those layers (modeling.compile_layers). Before the optimizers are built: sharding
+        replaces the parameters."""
+        if self.compile:
+            compile_layers(model.lm, layers_path)
         if not self.fsdp:
             return model
         return fsdp.shard(model, get_layers(model.lm, layers_path), self.device, replicated)

@@ -194,6 +194,25 @@ def get_layers(model: nn.Module, layers_path: str) -> nn.ModuleList:
     return node
 
 
+COMPILED_VARIANTS = 64
+"""Compiled graphs allowed per layer code object (dynamo's recompile_limit, 8 by default): the
+layers' variants multiply, e.g. the first layer (its input needs no gradient) and the others,
+training and the α pass (dropout off), eval without gradients, PEFT's active adapter, and a
+static then a dynamic shape each."""
+
+
+def compile_layers(model: nn.Module, layers_path: str) -> None:
+    """Regional torch.compile, as torchtune compiles layer by layer: each decoder layer at
+    `layers_path` compiled in place (nn.Module.compile). dynamo inlines nn.Modules, so the
+    layers share their compiled graphs (they differ only in parameters, which are graph
+    inputs); the LoRA paths and the gates' hooks run inside the compiled region."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
+    for layer in get_layers(model, layers_path):
+        layer.compile(dynamic=True)
+
+
 def lora_config(spec: ModelSettings, lora: LoraSettings, layers: list[int] | None) -> LoraConfig:
     """LoRA on `spec.target_modules`, restricted to `layers` (None: every layer)."""
     return LoraConfig(

@@ -139,7 +139,7 @@ def score(
             width = inputs["input_ids"].shape[1]
             if keeps_logits:
                 inputs["logits_to_keep"] = width - first
-            logits = model(**inputs).logits
+            logits = model(**inputs, use_cache=False).logits  # no cache: nothing is generated
             logits = logits[:, logits.shape[1] - (width - first) :].float()
             for i, row in enumerate(batch):
                 for choice, predictors, targets in row.scored:

@@ -562,6 +562,11 @@ class Settings:
     widths % 128 == 64 on Hopper (pytorch#196678); the memory-efficient kernel serves instead."""
     gradient_checkpointing: bool = False
     """Recompute layer activations in backward instead of storing them (less memory, ~30% slower)."""
+    compile: bool = False
+    """Regional torch.compile: each decoder layer compiled in place (modeling.compile_layers), in
+    search, finetune and eval. The layers share one compiled graph per variant, so compiling costs
+    one layer's time; fewer host dispatches per step where the host is the bottleneck. The first
+    steps are slower (compiling); docs/benchmarks.md has what it measured."""
     group_by_length: bool = True
     """Build training batches from examples of similar length (less padding), in a seeded order."""
     format: str = "mcq"

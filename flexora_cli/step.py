@@ -361,7 +361,7 @@ def build_lora_step(engine, model: AnswerLM, settings, total_steps: int, pad_id:
     """The finetune step over `model` (LoRA already attached) with settings.finetune's
     optimizer (AdamW), schedule, clipping and non-finite rule."""
     spec = settings.finetune
-    model = engine.shard(model, settings.model.layers_path, replicated=[])
+    model = engine.shard_and_compile(model, settings.model.layers_path, replicated=[])
     params = trainable_parameters(model)
     optimizer, schedule = adamw_with_schedule(
         params, spec.lr, spec.weight_decay, spec.scheduler, spec.warmup_ratio, total_steps

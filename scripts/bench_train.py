@@ -14,6 +14,12 @@ memory is its own. Printed: step times, tokens/s, peak memory, MFU on CUDA, and 
     python scripts/bench_train.py                                   # CPU, ~40M-parameter Llama
     python scripts/bench_train.py --device cuda --size 1b           # bf16 on a GPU
     python scripts/bench_train.py --device cuda --size 1b --quantization 4bit   # QLoRA
+    # where the time is dispatch: an 8B-shaped stack (32 layers) at width 64, eager vs compiled
+    python scripts/bench_train.py --size micro --layers 32 --variants lora_all,lora_all+compile,search,search+compile,trainer
+
+A variant's `+compile` runs it with compile=true (regional torch.compile of the decoder layers);
+`trainer+liger` is the Trainer row with Liger's kernels (`use_liger_kernel`), printed as not
+installed where liger-kernel (and a CUDA device for its Triton kernels) is missing.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ SIZES = {
 }  # fmt: skip
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 VARIANTS = ("lora_all", "half_top", "half_spread", "search", "trainer")
+"""The default rows; each also runs compiled as `<name>+compile`, and `trainer+liger` is a peer."""
 
 
 def main() -> None:
@@ -62,6 +69,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", choices=SIZES, default="40m")
+    parser.add_argument("--layers", type=int, help="override the size's number of decoder layers")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on CUDA)")
     parser.add_argument("--quantization", default="none", choices=("none", "4bit", "8bit"))
@@ -107,13 +115,18 @@ def main() -> None:
     report(args, results)
 
 
+def shape(args: argparse.Namespace) -> dict:
+    """The Llama config of `--size`, with `--layers` decoder layers when given."""
+    return SIZES[args.size] | ({"num_hidden_layers": args.layers} if args.layers else {})
+
+
 def build_model(args: argparse.Namespace, scratch: Path) -> str:
     """A random-init Llama of `--size`, saved once so every variant loads identical weights
     (built on the device, in bf16 there: a 1B model initialises in seconds)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(max_position_embeddings=4096, **SIZES[args.size])
+    config = LlamaConfig(max_position_embeddings=4096, **shape(args))
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with device:
@@ -140,7 +153,7 @@ def measure(args: argparse.Namespace) -> dict:
     from flexora_cli.data.batches import Batches
     from flexora_cli.settings import LoraSettings, ModelSettings, Settings
 
-    variant = args.run_variant
+    variant, _, option = args.run_variant.partition("+")
     settings = Settings(
         model=ModelSettings(name_or_path=args.model_dir, quantization=args.quantization),
         lora=LoraSettings(r=8, alpha=16, dropout=0.0),
@@ -148,14 +161,15 @@ def measure(args: argparse.Namespace) -> dict:
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
         cudnn_attention=args.cudnn_attention,
+        compile=option == "compile",
     )
     total = args.warmup + args.steps
-    vocab = SIZES[args.size]["vocab_size"]
+    vocab = shape(args)["vocab_size"]
     train = Batches(synthetic_rows(args, vocab, total * args.batch_size, 1), args.batch_size, 0)
     val = Batches(synthetic_rows(args, vocab, total * args.batch_size, 2), args.batch_size, 1)
     batches, val_batches = list(train.epoch(0)), list(val.epoch(0))
     if variant == "trainer":
-        return measure_trainer(args, settings, [row for batch in batches for row in batch])
+        return measure_trainer(args, settings, [row for batch in batches for row in batch], option == "liger")
 
     from flexora_cli.engine import Engine
     from flexora_cli.modeling import load_model
@@ -201,8 +215,9 @@ def training_step(engine, base, settings, variant: str, layers, total: int):
     return build_lora_step(engine, model, dataclasses.replace(settings, finetune=constant), total, pad_id=0)
 
 
-def measure_trainer(args: argparse.Namespace, settings, rows: list) -> dict:
-    """PEFT + transformers Trainer on the same rows: the setup a user of LLaMA-Factory-like tools runs."""
+def measure_trainer(args: argparse.Namespace, settings, rows: list, liger: bool = False) -> dict:
+    """PEFT + transformers Trainer on the same rows: the setup a user of LLaMA-Factory-like tools
+    runs; with `liger`, patched with Liger's kernels ({"missing": why} where they cannot run)."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
@@ -212,6 +227,8 @@ def measure_trainer(args: argparse.Namespace, settings, rows: list) -> dict:
     from flexora_cli.tripwires import HostSyncCounter, OpCounter
 
     device = resolve_device(args.device)
+    if liger and (missing := liger_missing(device)):
+        return {"missing": missing}
     precision = resolve_precision(args.precision, device)
     base = load_base(settings.model, device, precision)
     model = get_peft_model(base, lora_config(settings.model, settings.lora, None))
@@ -234,7 +251,7 @@ def measure_trainer(args: argparse.Namespace, settings, rows: list) -> dict:
             if state.global_step == args.warmup and device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
-    training_args = trainer_arguments(args, device, precision)
+    training_args = trainer_arguments(args, device, precision, liger)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -249,9 +266,18 @@ def measure_trainer(args: argparse.Namespace, settings, rows: list) -> dict:
     return result | {"syncs": syncs.total, "sync_calls": syncs.counts, "ops": ops.counts}
 
 
-def trainer_arguments(args: argparse.Namespace, device, precision: str):
+def liger_missing(device: torch.device) -> str:
+    """Why the Liger row cannot run here ("" when it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel not installed"
+    return "" if device.type == "cuda" else "Liger's Triton kernels need a CUDA device"
+
+
+def trainer_arguments(args: argparse.Namespace, device, precision: str, liger: bool = False):
     """Trainer's arguments for the peer row: our batch, steps and precision, constant lr, no
-    logging or saving, grouped by length as our batches are."""
+    logging or saving, grouped by length as our batches are (and Liger's kernels, if asked)."""
     from transformers import TrainingArguments
 
     grouping = (
@@ -275,6 +301,7 @@ def trainer_arguments(args: argparse.Namespace, device, precision: str):
         gradient_checkpointing=args.gradient_checkpointing,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        use_liger_kernel=liger,
         **grouping,
     )
 
@@ -348,7 +375,7 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
     """Print the table and the ratios (and write them to --json)."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(**SIZES[args.size])
+    config = LlamaConfig(**shape(args))
     embed = config.vocab_size * config.hidden_size
     print(
         f"\nmodel: random Llama {args.size}, {layer_params(config) / 1e6:.1f}M layer + {embed / 1e6:.1f}M embedding params"
@@ -372,8 +399,9 @@ def print_results(results: dict[str, dict], memory_key: str) -> None:
     print(f"| variant | step s | tokens/s | {memory_key} | host syncs/step | aten ops fwd/bwd/opt | shapes |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        if r.get("oom"):
-            print(f"| {name} | OOM | OOM | OOM | – | – | – |")
+        if r.get("oom") or r.get("missing"):
+            why = "OOM" if r.get("oom") else f"not run: {r['missing']}"
+            print(f"| {name} | {why} | – | – | – | – | – |")
             continue
         ops = "/".join(str(r["ops"][k]) for k in ("forward", "backward", "optimizer"))
         shapes = f"{r['distinct_shapes']} in {r['forwards']} forwards" if "distinct_shapes" in r else "–"
@@ -388,7 +416,8 @@ def print_ratios(results: dict[str, dict], memory_key: str) -> dict[str, float]:
     ratios = {}
 
     def ratio(a: str, b: str, key, goal: str) -> None:
-        if a in results and b in results and not results[a].get("oom") and not results[b].get("oom"):
+        ran = [results.get(x) for x in (a, b)]
+        if all(r is not None and not r.get("oom") and not r.get("missing") for r in ran):
             value = key(results[a]) / key(results[b])
             ratios[f"{a} / {b} ({goal.split('(')[-1].rstrip(')')})"] = round(value, 3)
             print(f"{a} ÷ {b}: {value:.2f}   goal {goal}")
@@ -409,6 +438,11 @@ def print_ratios(results: dict[str, dict], memory_key: str) -> dict[str, float]:
     )
     ratio("lora_all", "trainer", ops, "≤ 1 (aten ops)")
     ratio("search", "lora_all", lambda r: r[memory_key], "≤ 1.15 (memory)")
+    for name in ("lora_all", "search"):
+        ratio(f"{name}+compile", name, lambda r: r["step_s"], "< 1 (step time)")
+    ratio("search+compile", "lora_all+compile", lambda r: r["step_s"], "≤ 2.05 (step time)")
+    ratio("lora_all+compile", "trainer", lambda r: r["tokens_per_s"], "≥ 1.2 (tokens/s)")
+    ratio("lora_all+compile", "trainer+liger", lambda r: r["tokens_per_s"], "≥ 1.2 (tokens/s)")
     return ratios
 
 
@@ -425,7 +459,7 @@ def print_mfu(args: argparse.Namespace, config, results: dict[str, dict]) -> dic
     print(f"\n{device_name}, dense bf16 peak {peak / 1e12:.0f} TFLOPs (4N convention)")
     mfu = {}
     for name, r in results.items():
-        if not r.get("oom"):
+        if not r.get("oom") and not r.get("missing"):
             mfu[name] = round(flops_per_token * r["tokens_per_s"] / peak, 4)
             print(f"4N-MFU {name}: {mfu[name]:.1%}")
     return mfu

@@ -15,8 +15,9 @@ Parts (--parts, in this order by default):
          one step, host syncs over three (HostSyncCounter and CUDA's sync debug mode), and
          the GPU's busy share of three steps (torch.profiler). With --distributed fsdp the
          same steps run FSDP2-sharded (one process: the sharding's own cost).
-  bench  scripts/bench_train.py on a Llama-3.2-1B shape: ours vs PEFT + Trainer at batch 8
-         (64–256 tokens) and batch 32 (256–1024 tokens); 4N-MFU; OOM is a result.
+  bench  scripts/bench_train.py on a Llama-3.2-1B shape: ours, eager and compiled (compile=true),
+         vs PEFT + Trainer, and Trainer with Liger's kernels where liger-kernel is installed, at
+         batch 8 (64–256 tokens) and batch 32 (256–1024 tokens); 4N-MFU; OOM is a result.
   tests  pytest -m gpu tests/test_gpu.py.
 """
 
@@ -386,7 +387,7 @@ def bench(args, out: Path) -> dict:
             "--max-len",
             "256",
             "--variants",
-            "lora_all,search,trainer",
+            "lora_all,lora_all+compile,search,search+compile,trainer,trainer+liger",
         ],
         "batch32": [
             "--batch-size",
@@ -396,7 +397,7 @@ def bench(args, out: Path) -> dict:
             "--max-len",
             "1024",
             "--variants",
-            "lora_all,trainer",
+            "lora_all,lora_all+compile,trainer,trainer+liger",
         ],
     }
     results = {}

@@ -301,6 +301,16 @@ CASES = {
         "distributed=fsdp cannot shard model.quantization=4bit: FSDP2 has no support for bitsandbytes' "
         "packed weights; use distributed=ddp for QLoRA, or model.quantization=none",
     ),
+    "compile under FSDP": Case(
+        ["compile=true", "distributed=fsdp"],
+        "compile=true with distributed=fsdp has not been checked (FSDP2's hooks inside the compiled "
+        "layers); use one of them, or distributed=ddp with compile=true",
+    ),
+    "unrolled hypergradient compiled": Case(
+        ["search.hypergradient=unrolled", "model.attn_implementation=eager", "compile=true"],
+        "invalid settings: search.hypergradient=unrolled differentiates through the LoRA steps (a double "
+        "backward), which needs compile=false; set them, or use search.hypergradient=darts",
+    ),
     "unknown precision and zero accumulation": Case(
         ["precision=fp8", "search.grad_accum=0"],
         "invalid settings: search.grad_accum: must be > 0, got 0; precision: 'fp8' is not one of auto, fp32, "

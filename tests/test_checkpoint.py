@@ -87,8 +87,13 @@ def _wait_for(pattern: str, root: Path, process: subprocess.Popen, timeout: floa
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_bit_identical(demo_dir, tmp_path):
+@pytest.mark.parametrize("compiled", ["false", "true"], ids=["eager", "compiled"])
+def test_kill_and_resume_is_bit_identical(demo_dir, tmp_path, compiled):
+    """kill -9 mid-search, SIGTERM mid-finetune, resumed each time: α̂ and the adapter as an
+    uninterrupted run's, bit for bit; with compile=true too (a resumed process compiles afresh,
+    and dynamic shapes pick its graphs by shape alone, not by what ran before)."""
     args = [
+        f"compile={compiled}",
         "recipe=demo",
         f"demo_assets={demo_dir}",
         "search.budget=480",

@@ -34,6 +34,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     for run in ("batch8", "batch32"):
         results = report["bench"][run]["results"]
         assert results["lora_all"]["syncs"] == 0 and results["trainer"]["tokens_per_s"] > 0
+        assert results["lora_all+compile"]["syncs"] == 0  # compile=true runs, and adds no host sync
+        assert "missing" in results["trainer+liger"] or results["trainer+liger"]["tokens_per_s"] > 0
     assert report["bench"]["batch8"]["results"]["search"]["syncs"] == 0
 
 

@@ -29,7 +29,7 @@ class LayerGates(nn.Module):
         super().__init__()
         self.alpha_hat = nn.Parameter(torch.zeros(num_layers))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._current: tuple[torch.Tensor, ...] | None = None
+        self._current: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -40,15 +40,21 @@ class LayerGates(nn.Module):
         return self.num_layers * torch.softmax(self.alpha_hat, dim=0)
 
     def attach(self, layers: nn.ModuleList, adapter_name: str = "default") -> int:
-        """Gate every LoRA module inside `layers[i]` by αᵢ; returns the number of gated paths."""
+        """Gate every LoRA module inside `layers[i]` by αᵢ; returns the number of gated paths.
+
+        Every path gets the same hook, and finds its layer in a tensor attribute (`flexora_layer`),
+        so the layers stay alike to torch.compile: one compiled graph serves all of them
+        (a per-layer closure or int would be guarded on, and recompile each layer)."""
         if len(layers) != self.num_layers:
             raise ValueError(f"{len(layers)} layers but {self.num_layers} gates")
-        gated = 0
+        hook, gated = self._scale_lora_output, 0
         for index, layer in enumerate(layers):
+            where = torch.tensor([index], device=self.alpha_hat.device)
             for module in layer.modules():
                 if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-                    hook = self._make_hook(index)
-                    self._handles.append(module.lora_A[adapter_name].register_forward_hook(hook))
+                    lora_a = module.lora_A[adapter_name]
+                    lora_a.flexora_layer = where  # a plain attribute: not in the adapter's state dict
+                    self._handles.append(lora_a.register_forward_hook(hook))
                     gated += 1
         return gated
 
@@ -59,21 +65,20 @@ class LayerGates(nn.Module):
 
     @contextlib.contextmanager
     def once_per_forward(self) -> Iterator[None]:
-        """Compute α = N·softmax(α̂) once for a whole forward, split into one 0-dim tensor per
-        layer (a view each; the gradient still flows to α̂). Outside (e.g. activation
-        recomputation in backward) each hook computes α itself, to the same value."""
-        self._current = self.alphas().unbind()
+        """Compute α = N·softmax(α̂) once for a whole forward (the gradient still flows to α̂).
+        Outside (e.g. activation recomputation in backward) each hook computes α itself, to the
+        same value."""
+        self._current = self.alphas()
         try:
             yield
         finally:
             self._current = None
 
-    def _make_hook(self, index: int):
-        def scale_lora_output(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            alpha = self._current[index] if self._current is not None else self.alphas()[index]
-            return output * alpha  # a float32 0-dim tensor keeps the output's dtype (bf16 stays bf16)
-
-        return scale_lora_output
+    def _scale_lora_output(self, module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        alphas = self._current if self._current is not None else self.alphas()
+        # index_select, not alphas[i]: a tensor index would be read on the host (a graph break);
+        # the 0-dim float32 result keeps the output's dtype (bf16 stays bf16)
+        return output * alphas.index_select(0, module.flexora_layer).squeeze(0)
 
     @torch.no_grad()
     def center_(self) -> None:

@@ -354,7 +354,7 @@ def _name_problems(kind: str) -> list[str]:
 def setting_problems(settings) -> list[str]:
     """search.hypergradient's rules on the other settings: the second-order variants need unscaled
     gradients, and unrolled a twice-differentiable model (eager attention, no checkpointing, no
-    quantization). Checked with every other setting when the config loads (config.load)."""
+    quantization, not compiled). Checked with every other setting when the config loads (config.load)."""
     kind = settings.search.hypergradient
     if kind not in HYPERGRADIENTS:
         return _name_problems(kind)
@@ -366,6 +366,7 @@ def setting_problems(settings) -> list[str]:
             "model.attn_implementation=eager": settings.model.attn_implementation == "eager",
             "gradient_checkpointing=false": not settings.gradient_checkpointing,
             "model.quantization=none": settings.model.quantization == "none",
+            "compile=false": not settings.compile,  # compiled backwards are not differentiable again
         }
         missing = [fix for fix, ok in needs.items() if not ok]
         if missing:

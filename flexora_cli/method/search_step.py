@@ -29,7 +29,7 @@ def build_search_step(engine, base, settings, total_steps: int, pad_id: int) -> 
     beside the step), the authors' optimizers, settings.search's clipping and non-finite rule."""
     search = settings.search
     model, gates = gated_lora_model(base, settings)
-    model = engine.shard(model, settings.model.layers_path, replicated=list(gates.parameters()))
+    model = engine.shard_and_compile(model, settings.model.layers_path, replicated=list(gates.parameters()))
     lora = trainable_parameters(model.lm)
     optimizer, schedule, alpha_optimizer = search_optimizers(lora, gates, search, total_steps)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -29,7 +29,7 @@ from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError, ModelError
 from flexora_cli.manifest import Manifest
 from flexora_cli.model_card import write_model_card
-from flexora_cli.modeling import load_model, load_tokenizer
+from flexora_cli.modeling import compile_layers, load_model, load_tokenizer
 from flexora_cli.records import EvalMetrics
 from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import choice_metrics, score
@@ -60,6 +60,8 @@ def run(cfg: DictConfig | Settings) -> EvalMetrics:
     tasks = {} if lm_eval else _tasks(settings, tokenizer)
     model = load_model(settings.model, engine.device, engine.precision)
     model = _attach_adapters(model, adapters, settings)
+    if settings.compile:
+        compile_layers(model, settings.model.layers_path)
     manifest.begin("eval", settings, key)
 
     # -- loop: every dataset × every variant ----------------------------------------------------
