@@ -109,8 +109,8 @@ ONE_PROCESS = [sys.executable, "-m", "flexora_cli.cli"]
 
 def stop_then_resume(first: list[str], then: list[str], args: list[str], out: Path) -> str:
     """Launch `first` with `args`, stop it (SIGTERM) at its first search checkpoint, resume
-    with `then`; the resumed launch's stderr. Before that, resuming under the other checkpoint
-    format (whole tensors or FSDP shards) is refused in one line, the checkpoint left as it was."""
+    with `then`; the resumed launch's stderr. Before that, FSDP shards resumed under
+    distributed=auto are refused in one line, the checkpoint left as it was."""
     launch = subprocess.Popen([*first, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for("search/checkpoints/step-*", out, launch)
     launch.send_signal(signal.SIGTERM)  # a launcher passes it to every worker
