@@ -168,16 +168,10 @@ class Checkpoints:
     def save(self, step: int, history: list[dict]) -> Path:
         """Write checkpoint `step` atomically, then keep only the newest `keep_checkpoints`."""
         path = self.dir / f"step-{step:07d}"
+        if not self.sharded and not self.run_dir.writes:
+            return path  # whole tensors: the main process writes everything alone
         sharded = self._sharded_objects()
-        state = {n: o.state_dict() for n, o in self.stateful.items() if n not in sharded}
-        full_state = {
-            **state,
-            "history": history,
-            "step": step,
-            "seconds": self.elapsed(),
-            "rng": rng_state(),
-            "settings": stage_settings(self.stage, self.settings),
-        }
+        state = self._state(step, history, exclude=sharded) if self.run_dir.writes else None
         with self.run_dir.atomic_dir(path) as tmp:
             if self.sharded:  # every process writes its shards into the main process's folder
                 fsdp.save_shards(self._live(sharded), fsdp.main_process_path(tmp) / SHARDS)
@@ -185,13 +179,25 @@ class Checkpoints:
                 if not self.sharded:
                     whole = {k: v.detach().cpu().contiguous() for k, v in self.trained.items()}
                     save_file(whole, str(tmp / WEIGHTS))
-                torch.save(full_state, tmp / "state.pt")
+                torch.save(state, tmp / "state.pt")
                 files = fingerprint(sorted(f for f in tmp.rglob("*") if f.is_file()), tmp)
                 (tmp / "files.json").write_text(json.dumps(files, indent=2))
         if self.run_dir.writes:
             for old in sorted(self.dir.glob("step-*"))[: -self.settings.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def _state(self, step: int, history: list[dict], exclude: dict[str, Any]) -> dict[str, Any]:
+        """state.pt's contents: the stateful objects not in `exclude` (saved as shards), the
+        step, history, training seconds, RNG states and the stage's settings."""
+        return {
+            **{n: o.state_dict() for n, o in self.stateful.items() if n not in exclude},
+            "history": history,
+            "step": step,
+            "seconds": self.elapsed(),
+            "rng": rng_state(),
+            "settings": stage_settings(self.stage, self.settings),
+        }
 
     def _sharded_objects(self) -> dict[str, Any]:
         """The stateful objects whose state is saved as shards (under distributed=fsdp)."""

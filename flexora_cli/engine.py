@@ -93,8 +93,8 @@ class Engine:
         self.fsdp = settings.distributed == "fsdp" and scoring_precision is None
         """Training under FSDP2, driven by fsdp.py (not accelerate's FSDP plugin); scoring keeps
         whole models."""
-        self.compile = settings.compile and scoring_precision is None
-        """Compile the training step's layers (shard_and_compile); eval compiles its own."""
+        self.compile = settings.compile
+        """Compile the decoder layers: the training step's (shard_and_compile) and eval's."""
         self._check_distributed(settings.distributed, settings.model.quantization)
         if wanted.type == "cuda":  # process-wide, so activation recomputation in backward obeys it too
             torch.backends.cuda.enable_cudnn_sdp(settings.cudnn_attention)

@@ -197,8 +197,8 @@ def get_layers(model: nn.Module, layers_path: str) -> nn.ModuleList:
 COMPILED_VARIANTS = 64
 """Compiled graphs allowed per layer code object (dynamo's recompile_limit, 8 by default): the
 layers' variants multiply, e.g. the first layer (its input needs no gradient) and the others,
-training and the α pass (dropout off), eval without gradients, PEFT's active adapter, and a
-static then a dynamic shape each."""
+training and the α pass (dropout off), eval without gradients, PEFT's active adapter, layers
+with and without LoRA, and a single pack beside several (dynamic shapes specialise a size of 1)."""
 
 
 def compile_layers(model: nn.Module, layers_path: str) -> None:

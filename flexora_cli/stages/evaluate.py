@@ -60,7 +60,7 @@ def run(cfg: DictConfig | Settings) -> EvalMetrics:
     tasks = {} if lm_eval else _tasks(settings, tokenizer)
     model = load_model(settings.model, engine.device, engine.precision)
     model = _attach_adapters(model, adapters, settings)
-    if settings.compile:
+    if engine.compile:
         compile_layers(model, settings.model.layers_path)
     manifest.begin("eval", settings, key)
 
