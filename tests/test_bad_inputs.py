@@ -110,6 +110,9 @@ def _disk_full(tmp: Path, demo: Path) -> None:
     """Marker: the test makes every fsync fail with ENOSPC."""
 
 
+SFT_CHAT = ["dataset.data_dir={tmp}/data", "dataset.task=sft", "dataset.sft.format=messages"]
+HI = {"role": "user", "content": "Hi"}
+
 CASES = {
     "unknown stage": Case(
         ["serch"], "unknown stage 'serch'; use one of: search, select, finetune, eval, run"
@@ -159,6 +162,48 @@ CASES = {
         "{tmp}/data/train.jsonl row 1, column 'endings': missing (the row has ",
         prepare=lambda t, d: _data(t, d, {k: v for k, v in _record(d).items() if k != "endings"}),
     ),
+    "SFT row without a response": Case(
+        ["dataset.data_dir={tmp}/data", "dataset.task=sft"],
+        "{tmp}/data/train.jsonl row 1, column 'output': missing (the row has instruction, input); fix dataset.sft",
+        prepare=lambda t, d: _data(t, d, {"instruction": "Add two and two.", "input": ""}),
+    ),
+    "SFT turn with an unknown role": Case(
+        [*SFT_CHAT, "model.chat_template=true"],
+        "{tmp}/data/train.jsonl row 1, column 'messages': turn 2 has unknown role 'bot'; use one of "
+        "system, user, assistant, tool",
+        prepare=lambda t, d: _data(
+            t, d, {"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]}
+        ),
+    ),
+    "SFT empty conversation": Case(
+        [*SFT_CHAT, "model.chat_template=true"],
+        "{tmp}/data/train.jsonl row 1, column 'messages': expected a non-empty list of turns, got []",
+        prepare=lambda t, d: _data(t, d, {"messages": []}),
+    ),
+    "SFT template that renders nothing": Case(
+        [
+            "dataset.data_dir={tmp}/data",
+            "dataset.task=sft",
+            "dataset.sft.format=prompt_response",
+            "dataset.sft.prompt=q",
+            "dataset.sft.response='{{{{ a | trim }}}}'",
+        ],
+        "{tmp}/data/train.jsonl row 1, template '{{{{ a | trim }}}}': renders nothing; fix the template",
+        prepare=lambda t, d: _data(t, d, {"q": "Add two and two.", "a": "  "}),
+    ),
+    "SFT chat data, tokenizer without a chat template": Case(
+        [*SFT_CHAT, "model.chat_template=true", "search.budget=8", "search.val_samples=4"],
+        "model.chat_template=true: the tokenizer of {demo}/model has no chat template; use an instruct "
+        "model, or model.chat_template=false with alpaca or prompt_response data",
+        prepare=lambda t, d: _data(
+            t, d, *[{"messages": [HI, {"role": "assistant", "content": "Hello"}]}] * 16
+        ),
+    ),
+    "SFT chat data without model.chat_template": Case(
+        SFT_CHAT,
+        "invalid settings: dataset.sft.format=messages: chat data is rendered by the tokenizer's chat "
+        "template; set model.chat_template=true",
+    ),
     "label out of range": Case(
         ["dataset.data_dir={tmp}/data"],
         "{tmp}/data/train.jsonl row 1, column 'label': label '7' out of range, expected 0, 1, 2, 3",
@@ -183,7 +228,7 @@ CASES = {
     ),
     "lm-eval option without lm-eval": Case(
         ["tasks=[arc_easy]"],
-        "invalid settings: eval.tasks: only with eval.evaluator=lm_eval (add evaluator=lm_eval)",
+        "invalid settings: eval.tasks: only with eval.evaluator=lm_eval or both (add evaluator=lm_eval)",
         stage="eval",
     ),
     "unknown lm-eval task": Case(

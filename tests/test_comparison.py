@@ -6,7 +6,18 @@ import statistics
 
 import pytest
 
-from flexora_cli.comparison import RunRow, jaccard, mean_jaccard, runs_csv, summarise
+from flexora_cli.comparison import (
+    RUN_COLUMNS,
+    SFT_RUN_COLUMNS,
+    SFT_SUMMARY_COLUMNS,
+    RunRow,
+    jaccard,
+    mean_jaccard,
+    run_columns,
+    runs_csv,
+    summarise,
+    summary_columns,
+)
 
 
 def row(variant: str, seed: int, acc: float, layers: list[int], search_s=None) -> RunRow:
@@ -47,3 +58,25 @@ def test_csv_has_one_line_per_run():
     assert lines[0].split(",")[-3:] == ["seed", "n", "acc_norm"] and lines[1].startswith(
         "piqa,flexora,0 3,20,0.6"
     )
+
+
+def test_sft_rows_show_loss_and_exact_match():
+    def sft(variant: str, seed: int, loss: float, em: float | None) -> RunRow:
+        return RunRow("gsm8k", variant, [0], 10, None, None, 48, None, 5.0, seed, loss=loss,
+                      perplexity=2.0, exact_match=em, em_flexible=em)  # fmt: skip
+
+    rows = [sft("flexora", 1, 1.0, 0.02), sft("flexora", 2, 1.2, 0.04), sft("lora_all", 1, 0.9, None)]
+    assert run_columns(rows) == SFT_RUN_COLUMNS and run_columns([row("base", 1, 0.5, [])]) == RUN_COLUMNS
+    assert rows[0].cells(SFT_RUN_COLUMNS)[4:8] == ["1.0000", "2.0000", "0.0200", "0.0200"]
+    assert rows[2].cells(SFT_RUN_COLUMNS)[6] == "–"
+    summary = {r.variant: r for r in summarise(rows)}
+    assert summary["flexora"].loss_mean == pytest.approx(1.1) and summary["flexora"].acc_mean is None
+    assert summary["flexora"].exact_match_std == pytest.approx(statistics.stdev([0.02, 0.04]))
+    assert summary["lora_all"].exact_match_mean is None
+    assert summary_columns(list(summary.values())) == SFT_SUMMARY_COLUMNS
+    assert runs_csv(rows).splitlines()[0].split(",")[4:8] == [
+        "loss",
+        "perplexity",
+        "exact_match",
+        "em_flexible",
+    ]

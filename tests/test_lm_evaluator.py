@@ -25,7 +25,8 @@ def test_a_loglikelihood_sample_becomes_scores_and_a_prediction():
         "predicted": 1,
         "scores": [-3.5, -1.25, -1.25],
     }  # ties: lowest
-    assert lm_evaluator._prediction({"filtered_resps": ["42"]}) == {"responses": ["42"]}  # generative
+    generative = {"filtered_resps": ["42"], "resps": [["6 * 7 = 42\n#### 42"]]}  # lm-eval 0.4's shapes
+    assert lm_evaluator._prediction(generative) == {"responses": ["42"], "generated": ["6 * 7 = 42\n#### 42"]}
 
 
 def test_several_processes_are_refused_before_the_model_loads(tiny_cfg):

@@ -105,6 +105,12 @@ def test_answer_loss_and_gradients_equal_each_row_alone(tiny, packing):
     else:
         batch = pack_rows(rows, tokenizer.pad_token_id, 0 if packing == "several packs" else 4096, 1)
         assert (batch.input_ids.shape[0] > 1) == (packing == "several packs")
+    assert_batch_equals_each_row_alone(settings, rows, batch)
+
+
+def assert_batch_equals_each_row_alone(settings, rows, batch) -> None:
+    """The loss and the LoRA and α gradients of `batch` (the collated `rows`) equal the
+    one-row-at-a-time computation through the model's own forward, to 1e-5 (float32)."""
     ours_model = gated(settings)
     ours = ours_model(**batch.model_inputs())
     ours.backward()

@@ -1,9 +1,9 @@
-"""Rows of any multiple-choice table → examples, by the dataset config's column mapping.
+"""Rows of any multiple-choice or SFT table → examples, by the dataset config's mapping.
 
 Rows come from `datasets.load_dataset` (a hub id, or local JSONL, CSV or Parquet files) or from a
 `datasets.save_to_disk` folder (`load_from_disk`). The built-in tasks (recipes/dataset/) are
 instances of the same mapping. A row that breaks it is an error naming the file, the row and the
-column; nothing is skipped silently. One labelled split can be cut into seeded train / test parts
+column; nothing is skipped silently. SFT rows become conversations (data/conversations.py). One labelled split can be cut into seeded train / test parts
 (`dataset.partition`, data/partition.py).
 """
 
@@ -15,12 +15,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flexora_cli.data.conversations import Conversation, parse_conversations
 from flexora_cli.data.partition import PartitionRecord, cut
-from flexora_cli.data.templates import TemplateError, is_template, render
+from flexora_cli.data.rows import LETTERS, Row
 from flexora_cli.errors import DataError, first_line
 from flexora_cli.settings import ColumnSettings, DatasetSettings
 
-LETTERS = "ABCDEFGH"
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 """File suffix → the `datasets` builder that reads it."""
 
@@ -40,77 +40,7 @@ class MCExample:
     """`file row N` (or `hub_id[split] row N`), for errors."""
 
 
-class _Row:
-    """One row, read through the column mapping; problems are `where, column 'x': problem`."""
-
-    def __init__(self, raw: object, where: str):
-        if not isinstance(raw, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-        self.raw, self.where = raw, where
-
-    def fail(self, source: str, problem: str) -> DataError:
-        what = f"template {source!r}" if is_template(source) else f"column '{source}'"
-        return DataError(f"{self.where}, {what}: {problem}")
-
-    def value(self, source: str) -> object:
-        """The column's value, or the template rendered over the row."""
-        if is_template(source):
-            try:
-                return render(source, self.raw)
-            except TemplateError as exc:
-                raise self.fail(source, str(exc)) from exc
-        if source not in self.raw:
-            columns = ", ".join(list(self.raw)[:12])
-            raise self.fail(source, f"missing (the row has {columns}); fix dataset.columns")
-        return self.raw[source]
-
-    def text(self, source: str, allow_empty: bool = False) -> str:
-        value = self.value(source)
-        if value is None or value != value:  # an empty CSV cell reads as None or NaN
-            value = ""
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)  # CSV readers type "1999" as a number
-        if not isinstance(value, str):
-            raise self.fail(source, f"expected text, got {json.dumps(value, default=str)[:80]}")
-        if not allow_empty and not value.strip():
-            raise self.fail(source, "empty")
-        return value
-
-    def choices(self, spec: str | list) -> list[str]:
-        if isinstance(spec, list):
-            return [self.text(source) for source in spec]
-        value = self.value(spec)
-        if not isinstance(value, list):
-            raise self.fail(spec, f"expected a list of choices, got {json.dumps(value, default=str)[:80]}")
-        if not all(isinstance(v, str) and v.strip() for v in value):
-            raise self.fail(spec, f"expected a list of non-empty texts, got {json.dumps(value)[:80]}")
-        return value
-
-    def label(self, source: str, label_format: str, choices: list[str]) -> int:
-        """The gold choice's index, from an index, a 1-based number, a letter or the answer's text."""
-        value = self.value(source)
-        shown = str(value).strip()
-        if label_format == "text":
-            valid = choices
-        elif label_format == "letter":
-            valid, shown = list(LETTERS[: len(choices)]), shown.upper()
-        else:
-            base = 0 if label_format == "index" else 1
-            valid = [str(i + base) for i in range(len(choices))]
-            if isinstance(value, float) and value.is_integer():
-                shown = str(int(value))
-        if shown not in valid:
-            hint = (
-                " (unlabelled split? evaluate on a labelled one)"
-                if shown in ("", "-1", "None", "nan")
-                else ""
-            )
-            expected = "one of the choices' texts" if label_format == "text" else ", ".join(valid)
-            raise self.fail(source, f"label {value!r} out of range, expected {expected}{hint}")
-        return valid.index(shown)
-
-
-def to_example(row: _Row, columns: ColumnSettings, num_choices: int | None) -> MCExample:
+def to_example(row: Row, columns: ColumnSettings, num_choices: int | None) -> MCExample:
     """One row through the mapping; `num_choices` (when known) is checked."""
     choices = row.choices(columns.choices)
     if num_choices is not None and len(choices) != num_choices:
@@ -138,7 +68,7 @@ def parse_rows(columns: ColumnSettings, rows: Iterable[tuple[str, object]]) -> l
     examples: list[MCExample] = []
     for where, raw in rows:
         expected = columns.num_choices or (len(examples[0].choices) if examples else None)
-        examples.append(to_example(_Row(raw, where), columns, expected))
+        examples.append(to_example(Row(raw, where), columns, expected))
     return examples
 
 
@@ -170,8 +100,13 @@ def last_question_per_article(examples: list[MCExample]) -> list[MCExample]:
     return grouped
 
 
-def load_split(spec: DatasetSettings, split: str) -> list[MCExample]:
-    """All examples of one split: from a save_to_disk folder, local files, or the hub."""
+Example = MCExample | Conversation
+"""One example of a split: a multiple-choice question (task mcq) or a conversation (task sft)."""
+
+
+def load_split(spec: DatasetSettings, split: str) -> list[Example]:
+    """All examples of one split: from a save_to_disk folder, local files, or the hub; parsed as
+    the dataset's task reads them."""
     if saved_folder(spec):
         local, rows = f"{spec.data_dir}[{split}]", _saved_rows(Path(spec.data_dir), split)
     elif spec.data_files or spec.data_dir:
@@ -179,7 +114,7 @@ def load_split(spec: DatasetSettings, split: str) -> list[MCExample]:
         rows = _local_rows(local)
     else:
         local, rows = None, _hub_rows(spec, split)
-    examples = parse_rows(spec.columns, rows)
+    examples = parse_conversations(spec.sft, rows) if spec.task == "sft" else parse_rows(spec.columns, rows)
     if spec.race_grouping == "article":
         examples = last_question_per_article(examples)
     if not examples:
@@ -193,7 +128,7 @@ def load_split(spec: DatasetSettings, split: str) -> list[MCExample]:
 class Part:
     """The examples a stage reads, and the partition they were cut by (None: a whole split)."""
 
-    examples: list[MCExample]
+    examples: list[Example]
     partition: PartitionRecord | None = None
 
     def record(self) -> dict | None:
@@ -343,8 +278,8 @@ def _hub_rows(spec: DatasetSettings, split: str) -> Iterable[tuple[str, object]]
 
 
 def carve_validation(
-    examples: list[MCExample], val_samples: int, seed: int
-) -> tuple[list[MCExample], list[MCExample]]:
+    examples: list[Example], val_samples: int, seed: int
+) -> tuple[list[Example], list[Example]]:
     """Split training examples into (train, α-validation), disjoint, with a fixed seed."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

@@ -2,8 +2,9 @@
 
 The cut depends only on the rows' content and the partition's settings: rows are put in the order
 of a hash of their content (not the file's order), shuffled with the partition's own seed within
-each label, and then drawn label by label in proportion (systematic stratified sampling), so that
-every prefix of the draw holds each label's share to within one row. The train part is the
+each label (rows without one, SFT conversations, form one group), and then drawn label by label
+in proportion (systematic stratified sampling), so that every prefix of the draw holds each
+label's share to within one row. The train part is the
 draw's first rows, the test part the next ones. The same settings give the same parts on any
 machine; a changed seed or size gives other parts, and the row-id hashes in `PartitionRecord`
 (written by every stage) tell which.
@@ -21,12 +22,11 @@ from flexora_cli.errors import DataError
 from flexora_cli.settings import PartitionSettings
 
 
-class Labelled(Protocol):
-    gold: int
+class Recorded(Protocol):
     record: dict
 
 
-Row = TypeVar("Row", bound=Labelled)
+Row = TypeVar("Row", bound=Recorded)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def cut(
     by_content = sorted(range(len(examples)), key=lambda i: (ids[i], i))
     groups: dict[int | None, list[int]] = {}
     for i in by_content:
-        groups.setdefault(examples[i].gold if spec.stratify else None, []).append(i)
+        groups.setdefault(getattr(examples[i], "gold", None) if spec.stratify else None, []).append(i)
     rng = random.Random(spec.seed)
     draw_keys: list[tuple[float, int, int]] = []
     for label in sorted(groups, key=lambda g: -1 if g is None else g):

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from flexora_cli import report
-from flexora_cli.comparison import RUN_COLUMNS, SUMMARY_COLUMNS, RunRow, runs_csv, summarise
+from flexora_cli.comparison import RunRow, run_columns, runs_csv, summarise, summary_columns
 from flexora_cli.config import dataset_settings
 from flexora_cli.manifest import Manifest
 from flexora_cli.method import SearchResult, Selection
@@ -122,7 +122,8 @@ def _variant(settings: Settings, name: str, layers) -> Settings:
 def _row(name: str, run_dir: RunDir, settings: Settings, seed, search_s, base: bool = False) -> RunRow:
     key = Manifest(run_dir).eval_key(settings)  # where run's eval wrote
     evaluated = EvalMetrics.read(run_dir.root / key / "metrics.json", "eval", "compare")
-    scored = evaluated.score(settings.dataset.name, "base" if base else "adapter")
+    variant = "base" if base else "adapter"
+    scored = evaluated.score(settings.dataset.name, variant)
     common = {
         "dataset": settings.dataset.name,
         "variant": name,
@@ -131,6 +132,10 @@ def _row(name: str, run_dir: RunDir, settings: Settings, seed, search_s, base: b
         "acc_norm": scored.acc_norm,
         "n": scored.n,
         "seed": seed,
+        "loss": scored.loss,
+        "perplexity": scored.perplexity,
+        "exact_match": evaluated.others(variant, "exact_match,strict-match"),
+        "em_flexible": evaluated.others(variant, "exact_match,flexible-extract"),
     }
     if base:
         return RunRow(**common, layers=[], trainable_params=0, search_s=None, finetune_s=None)
@@ -162,17 +167,19 @@ def _save(run_dir: RunDir, rows: list[RunRow], settings: Settings) -> dict:
         "summary": [row.to_json() for row in summary],
     }
     run_dir.write_json(compare_dir / "results.json", results)
+    columns = run_columns(rows)
     run_dir.write_text(
-        compare_dir / "table.md", report.markdown_table(RUN_COLUMNS, [r.cells() for r in rows])
+        compare_dir / "table.md", report.markdown_table(columns, [r.cells(columns) for r in rows])
     )
     run_dir.write_text(compare_dir / "table.csv", runs_csv(rows))
     title = f"{', '.join(datasets)}: base vs LoRA vs Flexora vs random layers (n={rows[0].n})"
-    report.result(_table(title, RUN_COLUMNS, [r.cells() for r in rows]))
+    report.result(_table(title, columns, [r.cells(columns) for r in rows]))
     written = "table.md, table.csv, results.json"
     if settings.compare.seeds is not None:
-        cells = [r.cells() for r in summary]
-        run_dir.write_text(compare_dir / "summary.md", report.markdown_table(SUMMARY_COLUMNS, cells))
-        report.result(_table(f"{title}, over seeds {settings.compare.seeds}", SUMMARY_COLUMNS, cells))
+        columns = summary_columns(summary)
+        cells = [r.cells(columns) for r in summary]
+        run_dir.write_text(compare_dir / "summary.md", report.markdown_table(columns, cells))
+        report.result(_table(f"{title}, over seeds {settings.compare.seeds}", columns, cells))
         written = "summary.md, " + written
     report.result(f"compare: wrote {compare_dir}/{written}")
     return results

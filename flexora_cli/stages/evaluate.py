@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -23,7 +25,9 @@ from peft import PeftModel
 
 from flexora_cli import lm_evaluator, report
 from flexora_cli.config import dataset_settings
+from flexora_cli.data.collate import TrainingRow
 from flexora_cli.data.datasets import load_part, part_split
+from flexora_cli.data.features import training_rows
 from flexora_cli.data.prompts import Prompt, model_prompts
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError, ModelError
@@ -32,7 +36,7 @@ from flexora_cli.model_card import write_model_card
 from flexora_cli.modeling import compile_layers, load_model, load_tokenizer
 from flexora_cli.records import EvalMetrics
 from flexora_cli.rundir import RunDir
-from flexora_cli.scoring import choice_metrics, score
+from flexora_cli.scoring import choice_metrics, response_loss, response_metrics, score
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
 
@@ -48,49 +52,51 @@ def run(cfg: DictConfig | Settings) -> EvalMetrics:
             f"eval: {run_dir.stage_dir('eval')} holds the run's eval with other eval settings; "
             f"this one goes to {run_dir.root / key}"
         )
-    lm_eval = settings.eval.evaluator == "lm_eval"
-    engine = Engine(settings, settings.eval.precision)
+    spec = settings.eval
+    engine = Engine(settings, spec.precision)
     if settings.distributed == "fsdp" and engine.num_processes > 1:
         report.line("eval: not sharded; each process scores its share of the rows with the whole model")
-    lm_eval_tasks = lm_evaluator.task_manager(settings, engine.num_processes) if lm_eval else None
-    evaluator = f"lm-eval {lm_evaluator.version()}" if lm_eval else "flexora"
-    eval_format = None if lm_eval else settings.eval.format or settings.format
+    lm_eval_tasks = lm_evaluator.task_manager(settings, engine.num_processes) if spec.uses_lm_eval else None
     adapters = _adapter_dirs(settings, manifest)
     tokenizer = load_tokenizer(settings.model)
-    tasks = {} if lm_eval else _tasks(settings, tokenizer)
+    tasks = _tasks(settings, tokenizer) if spec.uses_builtin else {}
     model = load_model(settings.model, engine.device, engine.precision)
     model = _attach_adapters(model, adapters, settings)
     if engine.compile:
         compile_layers(model, settings.model.layers_path)
     manifest.begin("eval", settings, key)
 
-    # -- loop: every dataset × every variant ----------------------------------------------------
-    variants = (["base"] if settings.eval.include_base else []) + list(adapters)
-    if lm_eval:
-        results, splits, rows = lm_evaluator.evaluate(
-            model, tokenizer, lm_eval_tasks, variants, _use_variant, settings
+    # -- loop: every dataset × every variant, by the built-in scorer, then by lm-eval -----------
+    variants = (["base"] if spec.include_base else []) + list(adapters)
+    results, rows = _score_tasks(model, tokenizer, tasks, variants, settings, engine)
+    splits = {dataset: found.split for dataset, found in tasks.items()}
+    if lm_eval_tasks is not None:
+        lm_results, lm_splits, lm_rows = lm_evaluator.evaluate(
+            model, tokenizer, lm_eval_tasks, variants, _use_variant, settings, (run_dir, run_dir.root / key)
         )
-    else:
-        results, rows = _score_tasks(model, tokenizer, tasks, variants, settings, engine)
-        splits = {dataset: split for dataset, (split, *_) in tasks.items()}
+        for task in lm_results:  # a task named like a dataset scored above keeps both
+            name = f"{task} (lm-eval)" if task in results else task
+            results[name], splits[name] = lm_results[task], lm_splits[task]
+        rows += lm_rows
 
     # -- save ---------------------------------------------------------------------------------
     summary = EvalMetrics(
         model=settings.model.name_or_path,
-        evaluator=evaluator,
-        format=eval_format,
+        evaluator=_evaluated_by(settings),
+        format=(spec.format or settings.format)
+        if any(t.prompts is not None for t in tasks.values())
+        else None,
         variants={name: (str(path) if path else None) for name, path in {"base": None, **adapters}.items()},
         splits=splits,
-        partitions={dataset: partition for dataset, (*_, partition) in tasks.items() if partition},
+        partitions={dataset: found.partition for dataset, found in tasks.items() if found.partition},
         results=results,
     )
     outputs = [run_dir.root / key / "predictions.jsonl", run_dir.root / key / "metrics.json"]
     run_dir.write_jsonl(outputs[0], rows)
     run_dir.write_json(outputs[1], summary.to_json())
-    accuracies = {f"{d}/{v}_acc": s.acc for d, scores in summary.results.items() for v, s in scores.items()}
-    inputs = ("finetune",) if settings.eval.adapters is None else ()
-    manifest.complete("eval", settings, outputs, inputs, key, **accuracies)
-    if key == "eval" and settings.eval.adapters is None:  # this run's adapter: its card gets the table
+    inputs = ("finetune",) if spec.adapters is None else ()
+    manifest.complete("eval", settings, outputs, inputs, key, **_headlines(summary))
+    if key == "eval" and spec.adapters is None:  # this run's adapter: its card gets the table
         write_model_card(run_dir, settings, "eval")
     report.result(report.metrics_table(summary))
     facts = [f"{len(results)} dataset(s) × {len(variants)} variant(s), {report.evaluated_with(summary)}"]
@@ -98,39 +104,58 @@ def run(cfg: DictConfig | Settings) -> EvalMetrics:
     return summary
 
 
-def _tasks(settings: Settings, tokenizer) -> dict[str, tuple[str, list[Prompt], dict | None]]:
-    """Dataset name → (split, prompts) for the built-in scorer; bad data fails before the model loads."""
+@dataclass
+class EvalSet:
+    """One dataset's test rows as the built-in scorer reads them."""
+
+    split: str
+    partition: dict | None
+    prompts: list[Prompt] | None = None
+    """Multiple choice: each example's prompt, scored by log-likelihood."""
+    rows: list[TrainingRow] | None = None
+    """SFT: each conversation's row, scored by the loss on its responses."""
+
+
+def _tasks(settings: Settings, tokenizer) -> dict[str, EvalSet]:
+    """Dataset name → its test rows for the built-in scorer; bad data fails before the model loads."""
     eval_format = settings.eval.format or settings.format
     tasks = {}
     for name in settings.eval.datasets or [settings.dataset.name]:
         spec = dataset_settings(name, settings)
         part = load_part(spec, "test")
-        tasks[spec.name] = (
-            part_split(spec, "test"),
-            model_prompts(part.examples[: settings.eval.limit], spec, eval_format, tokenizer, settings.model),
-            part.record(),
-        )
+        examples = part.examples[: settings.eval.limit]
+        found = EvalSet(part_split(spec, "test"), part.record())
+        if spec.task == "sft":
+            found.rows = training_rows(examples, spec, settings, tokenizer, "eval")
+        else:
+            found.prompts = model_prompts(examples, spec, eval_format, tokenizer, settings.model)
+        tasks[spec.name] = found
     return tasks
 
 
 def _score_tasks(
-    model, tokenizer, tasks: dict, variants: list[str], settings: Settings, engine: Engine
+    model, tokenizer, tasks: dict[str, EvalSet], variants: list[str], settings: Settings, engine: Engine
 ) -> tuple[dict, list[dict]]:
-    """(results[dataset][variant], per-example rows) from the built-in log-likelihood scorer."""
+    """(results[dataset][variant], per-example rows) from the built-in scorer."""
     results: dict[str, dict] = {}
     rows: list[dict] = []
-    for dataset, (_, prompts, _) in tasks.items():
+    for dataset, found in tasks.items():
         results[dataset] = {}
+        prompts = found.prompts or []
         per_example = [{"dataset": dataset, "index": i, "gold": p.gold} for i, p in enumerate(prompts)]
         for variant in variants:
             started = time.perf_counter()
             with _use_variant(model, variant):
-                scores = _score(model, tokenizer, prompts, settings, engine, f"eval {dataset} {variant}")
-            metrics, examples = choice_metrics(scores, prompts)
+                label = f"eval {dataset} {variant}"
+                if found.rows is not None:
+                    metrics = _response_loss(model, tokenizer, found.rows, settings, engine, label)
+                else:
+                    scores = _score(model, tokenizer, prompts, settings, engine, label)
+                    metrics, examples = choice_metrics(scores, prompts)
+                    for row, example in zip(per_example, examples):
+                        row[variant] = example
             metrics["seconds"] = round(time.perf_counter() - started, 3)
             results[dataset][variant] = metrics
-            for row, example in zip(per_example, examples):
-                row[variant] = example
         rows += per_example
     return results, rows
 
@@ -215,3 +240,43 @@ def _score(
     for process, part in enumerate(gather_object([scores])):
         merged[process::world] = part
     return merged
+
+
+def _response_loss(
+    model, tokenizer, rows: list[TrainingRow], settings: Settings, engine: Engine, label: str
+) -> dict:
+    """Held-out loss and perplexity; with several processes each takes every num_processes-th row."""
+    rank, world = engine.process_index, engine.num_processes
+    mine = rows[rank::world]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with report.progress(label, len(mine)) as bar:
+
+        def advance(done_rows: int, total_rows: int) -> None:
+            bar.update(0, completed=min(done_rows, total_rows))
+
+        summed, tokens = response_loss(model, mine, pad_id, settings.eval.batch_size, advance)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(summed, tokens)])
+        summed, tokens = math.fsum(p[0] for p in parts), sum(p[1] for p in parts)
+    return response_metrics(summed, tokens, len(rows))
+
+
+def _evaluated_by(settings: Settings) -> str:
+    """flexora, `lm-eval <version>`, or both joined by " + "."""
+    names = (["flexora"] if settings.eval.uses_builtin else []) + (
+        [f"lm-eval {lm_evaluator.version()}"] if settings.eval.uses_lm_eval else []
+    )
+    return " + ".join(names)
+
+
+def _headlines(summary: EvalMetrics) -> dict[str, float | None]:
+    """The manifest's summary of an eval: each dataset × variant's accuracy (and SFT loss)."""
+    found = {}
+    for dataset, scores in summary.results.items():
+        for variant, scored in scores.items():
+            found[f"{dataset}/{variant}_acc"] = scored.acc
+            if scored.loss is not None:
+                found[f"{dataset}/{variant}_loss"] = scored.loss
+    return found

@@ -19,10 +19,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from flexora_cli import report
-from flexora_cli.data.batches import Batches, training_features
+from flexora_cli.data.batches import Batches
 from flexora_cli.data.collate import Collated, prefetched
 from flexora_cli.data.datasets import Part, load_part
-from flexora_cli.data.prompts import model_prompts
+from flexora_cli.data.features import training_rows
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
 from flexora_cli.fsdp import HeldBytes
@@ -114,8 +114,7 @@ def training_batches(settings: Settings, tokenizer) -> tuple[Part, Batches]:
     """The training part (capped by dataset.max_train_samples) as seeded global batches."""
     part = load_part(settings.dataset, "train")
     examples = part.examples[: settings.dataset.max_train_samples]
-    prompts = model_prompts(examples, settings.dataset, settings.format, tokenizer, settings.model)
-    features = training_features(tokenizer, prompts, settings.max_length)
+    features = training_rows(examples, settings.dataset, settings, tokenizer, "finetune")
     return part, Batches(features, settings.finetune.batch_size, settings.seed, settings.group_by_length)
 
 

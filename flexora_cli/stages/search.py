@@ -14,10 +14,10 @@ import math
 from omegaconf import DictConfig
 
 from flexora_cli import report
-from flexora_cli.data.batches import Batches, training_features
+from flexora_cli.data.batches import Batches
 from flexora_cli.data.collate import prefetched
 from flexora_cli.data.datasets import carve_validation, load_part, part_split
-from flexora_cli.data.prompts import model_prompts
+from flexora_cli.data.features import training_rows
 from flexora_cli.engine import Engine
 from flexora_cli.errors import ConfigError
 from flexora_cli.fsdp import HeldBytes
@@ -139,8 +139,7 @@ def search_batches(settings: Settings, tokenizer) -> tuple[Batches, Batches, dic
     train_pool, val_examples = carve_validation(examples, search.val_samples, settings.seed)
 
     def batches(subset: list, batch_size: int, seed: int) -> Batches:
-        prompts = model_prompts(subset, settings.dataset, settings.format, tokenizer, settings.model)
-        features = training_features(tokenizer, prompts, settings.max_length)
+        features = training_rows(subset, settings.dataset, settings, tokenizer, "search")
         return Batches(features, batch_size, seed, settings.group_by_length)
 
     train = batches(train_pool[: search.budget], search.batch_size, settings.seed)

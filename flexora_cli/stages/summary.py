@@ -71,9 +71,7 @@ def _row(root: Path, run_dir: Path) -> dict:
     if paths.metrics_json.exists():
         for dataset, scores in EvalMetrics.read(paths.metrics_json, "eval", "summary").results.items():
             for variant, score in scores.items():
-                row[f"{dataset}/{variant}"] = (
-                    "–" if score.acc is None else f"{score.acc:.4f} ± {score.acc_stderr:.4f}"
-                )
+                row[f"{dataset}/{variant}"] = report.headline(score)
     return row
 
 
