@@ -98,6 +98,7 @@ def test_messages_jsonl_trains_through_every_stage(demo_dir, tmp_path, capsys):
     assert "Scores (flexora)" in out and "chats" in out and "ppl" in out
 
 
+@pytest.mark.slow  # 21-27 s; the messages run above keeps every stage on SFT data in the default run
 def test_alpaca_jsonl_trains_then_gsm8k_scores_the_heldout_rows(demo_dir, tmp_path, capsys):
     """A base model (no chat template): Alpaca's prompt; eval both ways: the held-out loss, then
     lm-eval's own gsm8k task (prompt, generation, filters) on the same held-out rows."""
