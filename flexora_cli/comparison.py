@@ -70,8 +70,8 @@ SFT_SUMMARY_COLUMNS = (
 )
 
 
-def is_sft(rows: list) -> bool:
-    """Do these rows score SFT data (held-out loss) rather than accuracy?"""
+def is_sft(rows: list[RunRow]) -> bool:
+    """Do these runs score SFT data (held-out loss) rather than accuracy?"""
     return any(row.loss is not None for row in rows)
 
 
@@ -80,7 +80,8 @@ def run_columns(rows: list[RunRow]) -> tuple[str, ...]:
 
 
 def summary_columns(rows: list[SummaryRow]) -> tuple[str, ...]:
-    return SFT_SUMMARY_COLUMNS if is_sft(rows) else SUMMARY_COLUMNS
+    sft = any(row.loss_mean is not None for row in rows)
+    return SFT_SUMMARY_COLUMNS if sft else SUMMARY_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -151,11 +152,6 @@ class SummaryRow:
     loss_std: float | None = None
     exact_match_mean: float | None = None
     exact_match_std: float | None = None
-
-    @property
-    def loss(self) -> float | None:
-        """The mean loss (is_sft reads run and summary rows alike)."""
-        return self.loss_mean
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

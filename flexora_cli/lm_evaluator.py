@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from flexora_cli import report
-from flexora_cli.data.datasets import load_part
+from flexora_cli.data.datasets import load_parts
 from flexora_cli.errors import ConfigError, DataError
 from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import argmax
@@ -65,9 +65,9 @@ def heldout_tasks(manager, settings: Settings, run_dir: RunDir, folder: Path):
 
     tasks_dir = folder / "lm_eval_tasks"
     files = {}
-    for part in ("train", "test"):
-        records = [example.record for example in load_part(settings.dataset, part).examples]
-        files[part] = str(run_dir.write_text(tasks_dir / f"{part}.jsonl", _jsonl(records)))
+    for name, part in zip(("train", "test"), load_parts(settings.dataset)):
+        records = [example.record for example in part.examples]
+        files[name] = str(run_dir.write_text(tasks_dir / f"{name}.jsonl", _jsonl(records)))
     names = []
     for task in settings.eval.tasks:
         entry = manager.task_index[task]

@@ -100,6 +100,24 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def logits_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """Logits [K, vocab] at the K positions (rows, cols) only: the backbone of a packable model
+    (packs_rows) on the whole input, then its LM head on the gathered hidden states, so no
+    [tokens × vocab] tensor exists for the positions nobody reads."""
+    causal = causal_lm(model)
+    hidden = causal.get_decoder()(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    return causal.get_output_embeddings()(hidden[rows, cols])
+
+
 def quantization_config(spec: ModelSettings, compute_dtype: torch.dtype):
     """bitsandbytes settings for a QLoRA base (None for a full-precision base): NF4 with double
     quantisation computing in `compute_dtype` (bf16 on CUDA by default), or LLM.int8.

@@ -445,12 +445,23 @@ class FinetuneSettings(StepSettings):
         return positive("finetune", self, "epochs") + self.step_problems("finetune")
 
 
+CPU_PASS_TOKENS = 1024
+"""eval.batch_tokens's default on a CPU: passes of 4,096 tokens ran 4-39% slower there."""
+GPU_PASS_TOKENS = 8192
+"""eval.batch_tokens's default on a GPU (not measured: no GPU was lent; auto halves it on out-of-memory)."""
+
+
 @dataclass
 class EvalSettings:
     """Stage 4b: accuracy of the base model and of adapters, on one or several datasets."""
 
     batch_size: Any = "auto"
-    """Rows per forward pass (a row holds every choice of one example), or auto: the largest that fits."""
+    """Most rows per forward pass (a row holds every choice of one example), or auto: no row cap,
+    and the token budget (batch_tokens) halves on out-of-memory. With evaluator=lm_eval: its batch size."""
+    batch_tokens: int | None = None
+    """Token budget of a forward pass of the built-in scorer: rows sorted by length join a pass while
+    rows × the widest row's tokens fit. None: 1024 on a CPU (larger passes ran slower there:
+    docs/benchmarks.md), 8192 on a GPU (not measured; auto halves it on out-of-memory)."""
     include_base: bool = True
     """Also score the base model without adapter."""
     format: str | None = None
@@ -491,6 +502,10 @@ class EvalSettings:
         problems = []
         if not (batch == "auto" or (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0)):
             problems.append(f"eval.batch_size: must be a positive integer or auto, got {batch!r}")
+        if self.batch_tokens is not None and (isinstance(self.batch_tokens, bool) or self.batch_tokens <= 0):
+            problems.append(
+                f"eval.batch_tokens: must be a positive integer or null, got {self.batch_tokens!r}"
+            )
         if self.format is not None:
             problems += one_of("eval.format", self.format, FORMATS)
         if self.limit is not None and self.limit <= 0:
@@ -501,6 +516,12 @@ class EvalSettings:
         if self.precision is not None:
             problems += one_of("eval.precision", self.precision, PRECISIONS)
         return problems
+
+    def pass_tokens(self, device_type: str) -> int:
+        """The token budget of one forward pass on a `device_type` device (see batch_tokens)."""
+        if self.batch_tokens is not None:
+            return self.batch_tokens
+        return CPU_PASS_TOKENS if device_type == "cpu" else GPU_PASS_TOKENS
 
     @property
     def uses_lm_eval(self) -> bool:

@@ -37,7 +37,7 @@ from transformers import get_scheduler, set_seed
 from flexora_cli.data.collate import Collated, Collator, make_collator
 from flexora_cli.errors import TrainingError
 from flexora_cli.fsdp import held_bytes, local_norm
-from flexora_cli.modeling import accepts_logits_to_keep, causal_lm, packs_rows
+from flexora_cli.modeling import accepts_logits_to_keep, causal_lm, logits_at, packs_rows
 
 PHASES = ("LoRA step", "α step")
 
@@ -129,10 +129,9 @@ class AnswerLM(nn.Module):
             mask = (
                 block_causal_mask(sequence_ids, self._mask_dtype, self._window) if self._builds_mask else None
             )
-            hidden = causal.get_decoder()(
-                input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
-            ).last_hidden_state
-            return _at_least_float32(causal.get_output_embeddings()(hidden[answer_rows, answer_cols]))
+            return _at_least_float32(
+                logits_at(causal, input_ids, position_ids, mask, answer_rows, answer_cols)
+            )
         # Right-padded fallback (model code we cannot reach inside): the model's own logits, from
         # the first answer-predicting column on where it takes logits_to_keep
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}

@@ -20,6 +20,12 @@ memory is its own. Printed: step times, tokens/s, peak memory, MFU on CUDA, and 
 A variant's `+compile` runs it with compile=true (regional torch.compile of the decoder layers);
 `trainer+liger` is the Trainer row with Liger's kernels (`use_liger_kernel`), printed as not
 installed where liger-kernel (and a CUDA device for its Triton kernels) is missing.
+`torchtune` (and `torchtune+compile`) is torchtune 0.6.1's LoRA single-device step on the same
+rows and weights (measure_torchtune). Its torchao 0.10 cannot share an environment with PEFT,
+which refuses torchao < 0.16, so it lives in a folder of its own:
+
+    pip install --no-deps --target /tmp/tt torchtune==0.6.1 torchao==0.10.0 sentencepiece tiktoken blobfile kagglehub
+    python scripts/bench_train.py --size micro --variants lora_all,torchtune,lora_all+compile,torchtune+compile --torchtune-path /tmp/tt
 """
 
 from __future__ import annotations
@@ -87,6 +93,11 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results and ratios to this JSON file")
     parser.add_argument(
         "--trace-8b", action="store_true", help="only trace one step's largest tensors at Llama-3-8B dims"
+    )
+    parser.add_argument(
+        "--torchtune-path",
+        help="a folder holding torchtune 0.6.1 and torchao 0.10 (pip install --target), put on the path "
+        "of the torchtune row only: PEFT refuses torchao < 0.16 wherever it can be imported",
     )
     parser.add_argument("--run-variant", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -170,6 +181,8 @@ def measure(args: argparse.Namespace) -> dict:
     batches, val_batches = list(train.epoch(0)), list(val.epoch(0))
     if variant == "trainer":
         return measure_trainer(args, settings, [row for batch in batches for row in batch], option == "liger")
+    if variant == "torchtune":
+        return measure_torchtune(args, batches, option == "compile")
 
     from flexora_cli.engine import Engine
     from flexora_cli.modeling import load_model
@@ -264,6 +277,94 @@ def measure_trainer(args: argparse.Namespace, settings, rows: list, liger: bool 
     seconds = marks[-1] - marks[args.warmup - 1]
     result = _summary(args, rows, seconds, setup_rss, device)
     return result | {"syncs": syncs.total, "sync_calls": syncs.counts, "ops": ops.counts}
+
+
+def measure_torchtune(args: argparse.Namespace, batches: list[list], compiled: bool) -> dict:
+    """torchtune's LoRA single-device step on the same rows: its Llama-3 LoRA model at --size's
+    shape with the saved weights, LoRA r=8 α=16 on q_proj and v_proj, the rows of each step packed
+    by its PackedDataset into packs as wide as our packs, its chunked cross-entropy, fused AdamW
+    at a constant 1e-4, and (+compile) its regional compile_model and compile_loss."""
+    import importlib.util
+
+    if args.torchtune_path:
+        sys.path.insert(0, args.torchtune_path)
+    if importlib.util.find_spec("torchtune") is None:
+        return {"missing": "torchtune not installed (--torchtune-path)"}
+    from torchtune import training
+    from torchtune.data import padded_collate_packed
+    from torchtune.datasets import PackedDataset
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    from flexora_cli.modeling import resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[resolve_precision(args.precision, device)]
+    model = _torchtune_model(args).to(device=device, dtype=dtype)
+    set_trainable_params(model, get_adapter_params(model))
+    loss_fn = CEWithChunkedOutputLoss()
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    if compiled:
+        training.compile_model(model, verbose=False)
+        loss_fn = training.compile_loss(loss_fn, verbose=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    width = -(-args.max_len // 64) * 64  # our collator's pack width: the longest row, to 64
+
+    def collate(index: int) -> dict:
+        rows = [{"tokens": row.input_ids, "labels": row.labels} for row in batches[index]]
+        packs = PackedDataset(rows, max_seq_len=width, padding_idx=0)
+        return {k: v.to(device) for k, v in padded_collate_packed(list(packs)).items()}
+
+    def one_step(_step: int, batch: dict) -> None:
+        labels = batch.pop("labels")  # shifted by one, as the recipe does
+        labels = torch.hstack((labels[..., 1:], torch.full_like(labels[..., :1], -100)))
+        logits = model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])
+        loss_fn(logits, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(args, collate, one_step, batches)
+
+
+def _torchtune_model(args: argparse.Namespace):
+    """torchtune's LoRA Llama of --size's shape (Llama-3.2's builder where the embeddings are tied)
+    holding the weights build_model saved, converted by torchtune's own hf_to_tune."""
+    from safetensors.torch import load_file
+    from torchtune.models.convert_weights import hf_to_tune
+    from torchtune.models.llama3 import lora_llama3
+    from torchtune.models.llama3_2._component_builders import lora_llama3_2
+
+    config = shape(args)
+    tied = config.get("tie_word_embeddings", False)
+    builder = lora_llama3_2 if tied else lora_llama3
+    model = builder(
+        ["q_proj", "v_proj"],
+        vocab_size=config["vocab_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        num_kv_heads=config["num_key_value_heads"],
+        embed_dim=config["hidden_size"],
+        intermediate_dim=config["intermediate_size"],
+        max_seq_len=4096,
+        norm_eps=1e-6,  # transformers' LlamaConfig defaults, which build_model saved
+        rope_base=10_000,
+        lora_rank=8,
+        lora_alpha=16,
+        **({"scale_factor": 1} if tied else {}),
+    )
+    weights = {
+        k: v
+        for part in sorted(Path(args.model_dir).glob("*.safetensors"))
+        for k, v in load_file(part).items()
+    }
+    heads, kv_heads, width = (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["hidden_size"],
+    )
+    missing, unexpected = model.load_state_dict(hf_to_tune(weights, heads, kv_heads, width), strict=False)
+    assert not unexpected and all("lora" in name for name in missing), (missing, unexpected)
+    return model
 
 
 def liger_missing(device: torch.device) -> str:
@@ -443,6 +544,8 @@ def print_ratios(results: dict[str, dict], memory_key: str) -> dict[str, float]:
     ratio("search+compile", "lora_all+compile", lambda r: r["step_s"], "≤ 2.05 (step time)")
     ratio("lora_all+compile", "trainer", lambda r: r["tokens_per_s"], "≥ 1.2 (tokens/s)")
     ratio("lora_all+compile", "trainer+liger", lambda r: r["tokens_per_s"], "≥ 1.2 (tokens/s)")
+    ratio("lora_all", "torchtune", lambda r: r["tokens_per_s"], "≥ 1.2 (tokens/s)")
+    ratio("lora_all+compile", "torchtune+compile", lambda r: r["tokens_per_s"], "≥ 1.2 (tokens/s)")
     return ratios
 
 

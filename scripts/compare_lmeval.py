@@ -4,8 +4,9 @@ Both tools score the same model object on the same local JSONL files. lm-eval ru
 definitions (hellaswag, piqa, winogrande), copied with only the data source changed to the local
 files (`dataset_path: json`), so its preprocessing is its own. Printed per task: examples whose
 prediction differs (acc and acc_norm; goal 0), the largest per-choice log-likelihood difference,
-both accuracies, and the wall-time ratio lm-eval ÷ flexora (goal ≥ 3). The demo's records are
-varied first (choices of different lengths, WikiHow's bracket artefacts) so that acc_norm and
+both accuracies, the wall-time ratio lm-eval ÷ flexora (goal ≥ 3), and beside it the ratio of
+the two tools' forward FLOPs, which bounds the wall-time ratio where the matrix products are the
+time (a CPU). The demo's records are varied first (choices of different lengths, WikiHow's bracket artefacts) so that acc_norm and
 hellaswag's clean-up are exercised.
 
     pip install -e ".[lmeval]"
@@ -23,10 +24,9 @@ Exit status 1 if any prediction differs.
 
 Timing covers what a user waits for once the model is in memory: reading the data, building
 prompts, tokenising and scoring, on one thread-pinned device for both tools. lm-eval gets
-`--batch-size` requests (one choice each) per forward; flexora gets the same number of choices
-per forward (batch_size ÷ choices rows, each row packing one example's choices) unless --rows
-says otherwise; a packed row is shorter than its choices side by side, so at equal memory flexora
-can take more rows (`eval.batch_size=auto` starts at 64).
+`--batch-size` requests (one choice each) per forward; flexora runs as `flexora eval` does by
+default: passes of at most `--batch-tokens` tokens (eval.batch_tokens's default for the device),
+with no row cap unless --rows sets one.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ from flexora_cli import demo
 from flexora_cli.config import dataset_preset
 from flexora_cli.data.datasets import load_split
 from flexora_cli.data.prompts import build_prompts
-from flexora_cli.scoring import choice_metrics, score
+from flexora_cli.scoring import choice_metrics, score, tokens_read
+from flexora_cli.settings import EvalSettings
 
-TASKS = {"hellaswag": ("data", 4), "piqa": ("data_piqa", 2), "winogrande": ("data_winogrande", 2)}
-"""Task → (the demo's folder in that hub schema, choices per example)."""
+TASKS = {"hellaswag": "data", "piqa": "data_piqa", "winogrande": "data_winogrande"}
+"""Task → the demo's folder in that hub schema."""
 
 
 def main() -> None:
@@ -66,7 +67,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size (requests)")
     parser.add_argument(
-        "--rows", type=int, default=None, help="flexora's rows per pass (default: batch size ÷ choices)"
+        "--rows", type=int, default=None, help="flexora's most rows per pass (default: no cap)"
+    )
+    parser.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="flexora's tokens per pass (default: eval.batch_tokens's)",
     )
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -94,7 +101,7 @@ def main() -> None:
     print(
         f"lm-eval {lm_eval.__version__}, torch {torch.__version__}, {params / 1e6:.1f}M parameters, "
         f"device {next(model.parameters()).device} {args.dtype}, {args.threads} threads, lm-eval batch {args.batch_size}, "
-        f"flexora rows {args.rows or 'batch ÷ choices'}"
+        f"flexora passes of {_pass_tokens(args)} tokens, {args.rows or 'any number of'} rows"
     )
 
     results = {}
@@ -119,7 +126,7 @@ def _inputs(args, scratch: Path) -> tuple[dict[str, str], str]:
         assets = demo.ensure_assets(Path(args.assets).expanduser())
         data_dirs = {
             task: str(_vary(assets / folder, scratch / folder, task, args.split))
-            for task, (folder, _) in TASKS.items()
+            for task, folder in TASKS.items()
         }
         model_dir = str(assets / "model")
     data_dirs.update(dict(item.split("=", 1) for item in args.data))
@@ -190,11 +197,29 @@ def _flexora(task: str, data_dir: str, args, model, tokenizer) -> tuple[float, d
     started = time.perf_counter()
     spec = dataset_preset(task, data_dir=data_dir)
     prompts = build_prompts(load_split(spec, args.split)[: args.limit], spec.prompt, "completion")
-    rows_per_pass = args.rows or max(1, args.batch_size // TASKS[task][1])
-    scores = score(model, tokenizer, prompts, rows_per_pass, args.max_length)
+    scores = score(
+        model, tokenizer, prompts, args.rows or "auto", args.max_length, batch_tokens=_pass_tokens(args)
+    )
     metrics, examples = choice_metrics(scores, prompts)
-    golds = [p.gold for p in prompts]
-    return time.perf_counter() - started, {"metrics": metrics, "examples": examples, "golds": golds}
+    seconds = time.perf_counter() - started
+    found = {"metrics": metrics, "examples": examples, "golds": [p.gold for p in prompts]}
+    return seconds, {**found, "flop_ratio": _flop_ratio(model, tokenizer, prompts, args.max_length)}
+
+
+def _flop_ratio(model, tokenizer, prompts, max_length: int) -> float:
+    """lm-eval's forward FLOPs ÷ flexora's on `prompts` (the products with the weights only): the
+    speed-up a device bound by its matrix products allows. lm-eval runs the decoder layers on
+    every choice alone and the LM head everywhere; flexora the layers on the packed rows and the
+    head on the scored positions (scoring.tokens_read)."""
+    layers = sum(p.numel() for p in model.get_decoder().layers.parameters())
+    head = model.get_output_embeddings().weight.numel()
+    fed, scored = tokens_read(tokenizer, prompts, max_length, share_prefix=True)
+    their_fed, _ = tokens_read(tokenizer, prompts, max_length, share_prefix=False)
+    return their_fed * (layers + head) / (fed * layers + scored * head)
+
+
+def _pass_tokens(args) -> int:
+    return args.batch_tokens or EvalSettings().pass_tokens(torch.device(args.device).type)
 
 
 def _lm_eval(task: str, data_dir: str, args, lm, tasks_dir: Path) -> tuple[float, dict]:
@@ -258,6 +283,7 @@ def _compare(task: str, ours: dict, theirs: dict, ours_s: float, theirs_s: float
         "flexora_seconds": round(ours_s, 3),
         "lm_eval_seconds": round(theirs_s, 3),
         "speedup": round(theirs_s / ours_s, 2),
+        "flop_ratio": round(ours["flop_ratio"], 2),
     }
     line = (
         f"{task:<11} n={len(examples):<5} differing predictions: acc {differ}"
@@ -274,7 +300,10 @@ def _compare(task: str, ours: dict, theirs: dict, ours_s: float, theirs_s: float
             f"  acc_norm {ours['metrics']['acc_norm']:.4f} vs {theirs['metrics']['acc_norm']:.4f}"
             f" (differing {norm_differ})"
         )
-    print(line + f"  time {ours_s:.2f}s vs {theirs_s:.2f}s → {theirs_s / ours_s:.1f}× faster")
+    print(
+        line + f"  time {ours_s:.2f}s vs {theirs_s:.2f}s → {theirs_s / ours_s:.1f}× faster"
+        f" (FLOPs lm-eval ÷ flexora {ours['flop_ratio']:.2f})"
+    )
     return result
 
 

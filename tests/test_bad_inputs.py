@@ -134,6 +134,10 @@ CASES = {
         ["lora.r=0", "search.batch_size=-1"],
         "invalid settings: lora.r: must be > 0, got 0; search.batch_size: must be > 0, got -1",
     ),
+    "eval token budget of 0": Case(
+        ["eval.batch_tokens=0"],
+        "invalid settings: eval.batch_tokens: must be a positive integer or null, got 0",
+    ),
     "malformed recipe YAML": Case(
         ["recipe=broken"],
         "malformed YAML in {tmp}/recipes/recipe/broken.yaml, line 3:",

@@ -10,7 +10,14 @@ import torch
 from flexora_cli.data.batches import split_tokens
 from flexora_cli.data.prompts import Prompt
 from flexora_cli.modeling import load_model, load_tokenizer
-from flexora_cli.scoring import can_share_prefix, choice_metrics, mean_stderr, score
+from flexora_cli.scoring import (
+    _rows,
+    can_share_prefix,
+    choice_metrics,
+    mean_stderr,
+    score,
+    token_budget_passes,
+)
 from flexora_cli.settings import ModelSettings
 
 
@@ -42,10 +49,11 @@ def tiny(demo_dir):
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
-@pytest.mark.parametrize("batch_size", [1, 2, 64])
-def test_scores_match_unbatched_reference(tiny, share_prefix, batch_size):
+@pytest.mark.parametrize(("batch_size", "batch_tokens"), [(1, 10**6), (64, 10**6), ("auto", 1), ("auto", 24)])
+def test_scores_match_unbatched_reference(tiny, share_prefix, batch_size, batch_tokens):
+    """One row per pass, all in one pass, and token budgets that cut passes at several widths."""
     tokenizer, model = tiny
-    scores = score(model, tokenizer, PROMPTS, batch_size, 512, share_prefix=share_prefix)
+    scores = score(model, tokenizer, PROMPTS, batch_size, 512, share_prefix, batch_tokens=batch_tokens)
     with torch.no_grad():
         for prompt, row in zip(PROMPTS, scores):
             for context, continuation, value in zip(prompt.contexts, prompt.continuations, row):
@@ -54,6 +62,47 @@ def test_scores_match_unbatched_reference(tiny, share_prefix, batch_size):
 
 def test_tiny_llama_packs_prefixes(tiny):
     assert can_share_prefix(tiny[1])
+
+
+def test_rows_feed_no_last_token_and_the_head_reads_scored_positions_only(tiny):
+    """A choice's last token predicts nothing: a lettered prompt's row is its context alone, and
+    the LM head runs on exactly one position per scored token."""
+    tokenizer, model = tiny
+    rows = _rows(tokenizer, PROMPTS, 512, share_prefix=True)
+    context_ids, _ = split_tokens(tokenizer, PROMPTS[0].contexts[0], " A", 512)
+    assert rows[0].tokens == context_ids and rows[0].branches == [-1] * len(context_ids)
+    sequences = [
+        split_tokens(tokenizer, c, k, 512) for c, k in zip(PROMPTS[1].contexts, PROMPTS[1].continuations)
+    ]
+    # The choices differ from their first token on: the context once, then each choice but its last token.
+    assert len(rows[1].tokens) == len(sequences[0][0]) + sum(len(k) - 1 for _, k in sequences)
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda m, i, o: head_rows.append(i[0].shape[0])
+    )
+    try:
+        score(model, tokenizer, PROMPTS, "auto", 512, share_prefix=True)
+    finally:
+        hook.remove()
+    scored_tokens = sum(len(k) for row in rows for _, _, k in row.scored)
+    assert sum(head_rows) == scored_tokens
+
+
+@pytest.mark.parametrize(
+    ("lengths", "max_rows", "max_tokens", "expected"),
+    [
+        ([10, 8, 8, 5, 5, 5, 2], None, 20, [(0, 2), (2, 4), (4, 8)]),  # 2×10, 2×8, then 4×5 (3 left)
+        ([10, 8, 8, 5, 5, 5, 2], 2, 20, [(0, 2), (2, 4), (4, 6), (6, 8)]),  # the row cap binds
+        ([30, 4, 4], None, 20, [(0, 1), (1, 6)]),  # a row over the budget goes alone
+        ([], None, 20, []),
+    ],
+)
+def test_token_budget_passes(lengths, max_rows, max_tokens, expected):
+    passes = token_budget_passes(lengths, max_rows, max_tokens)
+    assert [(p.start, p.stop) for p in passes] == expected
+    for p in passes:  # every pass fits the budget, or is one row
+        width = lengths[p.start]
+        assert len(lengths[p]) == 1 or len(lengths[p]) * width <= max_tokens
 
 
 def test_metrics_match_hand_computed_values():

@@ -139,15 +139,18 @@ class Part:
 def load_part(spec: DatasetSettings, part: str) -> Part:
     """The training examples (part="train": train_split) or the evaluation examples
     (part="test": eval_split); with dataset.partition, that part of the cut."""
+    if spec.partition.split is None:
+        return Part(load_split(spec, spec.train_split if part == "train" else spec.eval_split), None)
+    return load_parts(spec)[0 if part == "train" else 1]
+
+
+def load_parts(spec: DatasetSettings) -> tuple[Part, Part]:
+    """(load_part(spec, "train"), load_part(spec, "test")), from one read of a partitioned split."""
     partition = spec.partition
     if partition.split is None:
-        examples = load_split(spec, spec.train_split if part == "train" else spec.eval_split)
-        record = None
-    else:
-        where = f"{spec.name}[{partition.split}]"
-        train, test, record = cut(load_split(spec, partition.split), partition, where)
-        examples = train if part == "train" else test
-    return Part(examples, record)
+        return load_part(spec, "train"), load_part(spec, "test")
+    train, test, record = cut(load_split(spec, partition.split), partition, f"{spec.name}[{partition.split}]")
+    return Part(train, record), Part(test, record)
 
 
 def part_split(spec: DatasetSettings, part: str) -> str:

@@ -87,7 +87,9 @@ def _rendered(conversation: Conversation, tokenizer) -> tuple[str, list[tuple[in
     for i, turn in enumerate(turns):
         if turn["role"] != "assistant":
             continue
-        start, end = len(render(turns[:i], True)) if i else 0, len(through := render(turns[: i + 1], False))
+        # Through the last turn is the whole text: no second render of it.
+        through = text if i == len(turns) - 1 else render(turns[: i + 1], False)
+        start, end = len(render(turns[:i], True)) if i else 0, len(through)
         if not text.startswith(through) or start > end:
             raise DataError(
                 f"{conversation.where}: the chat template does not render the turns before an "

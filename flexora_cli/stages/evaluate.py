@@ -17,8 +17,10 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from omegaconf import DictConfig
 from peft import PeftModel
@@ -39,6 +41,8 @@ from flexora_cli.rundir import RunDir
 from flexora_cli.scoring import choice_metrics, response_loss, response_metrics, score
 from flexora_cli.settings import Settings
 from flexora_cli.stages import locked, setup
+
+_T = TypeVar("_T")
 
 
 @locked
@@ -216,29 +220,17 @@ def _score(
     model, tokenizer, prompts: list[Prompt], settings: Settings, engine: Engine, label: str
 ) -> list[list[float]]:
     """scores[prompt][choice]; with several processes each scores every num_processes-th prompt."""
-    rank, world = engine.process_index, engine.num_processes
-    mine = prompts[rank::world]
-    with report.progress(label, len(mine)) as bar:
+    spec = settings.eval
 
-        def advance(done_rows: int, total_rows: int) -> None:
-            bar.update(0, completed=len(mine) * done_rows // total_rows)
-
-        scores = score(
-            model,
-            tokenizer,
-            mine,
-            settings.eval.batch_size,
-            settings.max_length,
-            settings.eval.share_prefix,
-            advance,
+    def score_share(mine: list[Prompt], advance) -> list[list[float]]:
+        budget = spec.pass_tokens(engine.device.type)
+        return score(
+            model, tokenizer, mine, spec.batch_size, settings.max_length, spec.share_prefix, advance, budget
         )
-    if world == 1:
-        return scores
-    from accelerate.utils import gather_object
 
     merged: list[list[float]] = [[] for _ in prompts]
-    for process, part in enumerate(gather_object([scores])):
-        merged[process::world] = part
+    for process, part in enumerate(_on_shares(prompts, engine, label, score_share)):
+        merged[process :: engine.num_processes] = part
     return merged
 
 
@@ -246,21 +238,33 @@ def _response_loss(
     model, tokenizer, rows: list[TrainingRow], settings: Settings, engine: Engine, label: str
 ) -> dict:
     """Held-out loss and perplexity; with several processes each takes every num_processes-th row."""
-    rank, world = engine.process_index, engine.num_processes
-    mine = rows[rank::world]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    spec = settings.eval
+
+    def loss_share(mine: list[TrainingRow], advance) -> tuple[float, int]:
+        return response_loss(
+            model, mine, pad_id, spec.batch_size, advance, spec.pass_tokens(engine.device.type)
+        )
+
+    parts = _on_shares(rows, engine, label, loss_share)
+    return response_metrics(math.fsum(p[0] for p in parts), sum(p[1] for p in parts), len(rows))
+
+
+def _on_shares(items: list, engine: Engine, label: str, run: Callable[[list, Callable], _T]) -> list[_T]:
+    """run(this process's share of `items` (every num_processes-th), a progress callback) under a
+    progress bar; every process's result, in process order."""
+    mine = items[engine.process_index :: engine.num_processes]
     with report.progress(label, len(mine)) as bar:
 
-        def advance(done_rows: int, total_rows: int) -> None:
-            bar.update(0, completed=min(done_rows, total_rows))
+        def advance(done: int, total: int) -> None:
+            bar.update(0, completed=len(mine) * done // max(total, 1))
 
-        summed, tokens = response_loss(model, mine, pad_id, settings.eval.batch_size, advance)
-    if world > 1:
-        from accelerate.utils import gather_object
+        result = run(mine, advance)
+    if engine.num_processes == 1:
+        return [result]
+    from accelerate.utils import gather_object
 
-        parts = gather_object([(summed, tokens)])
-        summed, tokens = math.fsum(p[0] for p in parts), sum(p[1] for p in parts)
-    return response_metrics(summed, tokens, len(rows))
+    return gather_object([result])
 
 
 def _evaluated_by(settings: Settings) -> str:
