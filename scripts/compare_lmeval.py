@@ -58,7 +58,11 @@ def main() -> None:
     )
     parser.add_argument("--assets", default="~/.cache/flexora/demo", help="demo assets (built if missing)")
     parser.add_argument("--model", help="model directory (default: the demo's tiny model)")
-    parser.add_argument("--random-llama", metavar="WIDTHxLAYERS", help="score a random Llama of this shape")
+    parser.add_argument(
+        "--random-llama",
+        metavar="WIDTHxLAYERS|8b",
+        help="score a random Llama of this shape (8b: Llama-3-8B's, built on --device in --dtype)",
+    )
     parser.add_argument(
         "--data", action="append", default=[], metavar="TASK=DIR", help="local JSONL per task"
     )
@@ -92,7 +96,9 @@ def main() -> None:
     data_dirs, model_dir = _inputs(args, varied)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if args.random_llama:
-        model = _random_llama(model_dir, args.random_llama)
+        model = _random_llama(
+            model_dir, args.random_llama, torch.device(args.device), getattr(torch, args.dtype)
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
@@ -172,25 +178,35 @@ def _smollm2_dir() -> str:
     return model_dir(load(compose(["model=smollm2_135m"])).model)
 
 
-def _random_llama(tokenizer_dir: str, shape: str):
+def _random_llama(tokenizer_dir: str, shape: str, device: torch.device, dtype: torch.dtype):
+    """A random-init Llama of `shape`: WIDTHxLAYERS (the tokenizer's vocabulary, an MLP 8/3 as
+    wide), or 8b (Llama-3-8B's shape, vocabulary 128,256, of which the tokenizer uses its first
+    ids), built on `device` in `dtype` (an 8B model initialises in seconds there)."""
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-    width, layers = (int(x) for x in shape.lower().split("x"))
     base = AutoConfig.from_pretrained(tokenizer_dir)
+    if shape == "8b":
+        dims = dict(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+        )  # fmt: skip
+    else:
+        width, layers = (int(x) for x in shape.lower().split("x"))
+        dims = dict(
+            vocab_size=base.vocab_size, hidden_size=width, intermediate_size=int(width * 8 / 3) // 64 * 64,
+            num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
+            num_key_value_heads=max(1, width // 256),
+        )  # fmt: skip
     config = LlamaConfig(
-        vocab_size=base.vocab_size,
-        hidden_size=width,
-        intermediate_size=int(width * 8 / 3) // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, width // 64),
-        num_key_value_heads=max(1, width // 256),
         max_position_embeddings=4096,
         bos_token_id=base.bos_token_id,
         eos_token_id=base.eos_token_id,
         pad_token_id=base.pad_token_id,
+        **dims,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    with device:
+        return LlamaForCausalLM._from_config(config, dtype=dtype)
 
 
 def _flexora(task: str, data_dir: str, args, model, tokenizer) -> tuple[float, dict]:

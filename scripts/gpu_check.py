@@ -19,6 +19,11 @@ Parts (--parts, in this order by default):
          vs PEFT + Trainer, and Trainer with Liger's kernels where liger-kernel is installed, at
          batch 8 (64–256 tokens) and batch 32 (256–1024 tokens); 4N-MFU; OOM is a result.
   tests  pytest -m gpu tests/test_gpu.py.
+  eval   scripts/compare_lmeval.py on a random-init model of Llama-3-8B's shape in bf16 (the demo's
+         tokenizer; the first --eval-limit rows of the demo's hellaswag, piqa and winogrande
+         records): flexora's scorer at its defaults against lm-eval's HFLM at its default batch
+         of 1, seconds and predictions side by side. Random weights in bf16 can tie choices, so
+         differing predictions here say less than on the CPU parity runs; the point is speed.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the same code paths")
-    parser.add_argument("--parts", default="scale,bench,tests")
+    parser.add_argument("--parts", default="scale,bench,tests,eval")
+    parser.add_argument("--eval-limit", type=int, default=100, help="eval part: rows per task")
     parser.add_argument(
         "--distributed",
         default="auto",
@@ -84,7 +90,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(args)}
-    parts = {"scale": scale_check, "bench": bench, "tests": gpu_tests}
+    parts = {"scale": scale_check, "bench": bench, "tests": gpu_tests, "eval": eval_speed}
     for name in args.parts.split(","):
         started = time.perf_counter()
         try:
@@ -431,10 +437,21 @@ def gpu_tests(args, out: Path) -> dict:
     return {"exit_code": done.returncode, "tail": (done.stdout + done.stderr)[-1500:]}
 
 
+def eval_speed(args, out: Path) -> dict:
+    path = out / "eval.json"
+    shape, dtype = ("64x2", "float32") if args.tiny else ("8b", "bfloat16")
+    command = [sys.executable, str(ROOT / "scripts" / "compare_lmeval.py"), "--random-llama", shape]
+    command += ["--device", args.device, "--dtype", dtype, "--batch-size", "1"]
+    command += ["--limit", str(args.eval_limit), "--json", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.part_timeout, cwd=ROOT)
+    result = json.loads(path.read_text()) if path.exists() else {"error": done.stderr[-2000:]}
+    return result | {"printed": done.stdout[-2500:]}
+
+
 def write(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     lines = [f"# gpu_check {report['date']}", "", f"machine: {json.dumps(report['machine'])}", ""]
-    for part in ("scale", "bench", "tests"):
+    for part in ("scale", "bench", "tests", "eval"):
         if part in report:
             lines += [
                 f"## {part}",

@@ -21,8 +21,8 @@ def script(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
-    script("scripts/gpu_check.py", "--out", str(tmp_path), "--device", "cpu", "--tiny", "--parts", "scale,bench",
-           "--search-steps", "12", "--finetune-steps", "12")  # fmt: skip
+    script("scripts/gpu_check.py", "--out", str(tmp_path), "--device", "cpu", "--tiny", "--parts",
+           "scale,bench,eval", "--search-steps", "12", "--finetune-steps", "12", "--eval-limit", "10")  # fmt: skip
     report = json.loads((tmp_path / "report.json").read_text())
     assert (tmp_path / "report.md").read_text().startswith("# gpu_check")
     for stage in ("search", "finetune"):
@@ -37,6 +37,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         assert results["lora_all+compile"]["syncs"] == 0  # compile=true runs, and adds no host sync
         assert "missing" in results["trainer+liger"] or results["trainer+liger"]["tokens_per_s"] > 0
     assert report["bench"]["batch8"]["results"]["search"]["syncs"] == 0
+    for task in ("hellaswag", "piqa", "winogrande"):  # flexora at its defaults vs lm-eval at batch 1
+        scored = report["eval"][task]
+        assert scored["n"] == 10 and scored["differing_predictions"] == 0, (task, scored)
+        assert scored["flop_ratio"] > 1 and scored["lm_eval_seconds"] > 0
 
 
 @pytest.mark.slow
