@@ -173,14 +173,27 @@ class _Scored:
         return cls(*(torch.tensor(v) for v in (rows, cols, targets, choice_ids)), owners)
 
 
+@dataclass(frozen=True)
+class _Model:
+    """What every pass needs to know of the model, read once per score() call."""
+
+    module: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    packed: bool
+    keeps_logits: bool
+
+    @classmethod
+    def of(cls, model: nn.Module, packed: bool) -> _Model:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return cls(model, next(model.parameters()).device, dtype, packed, accepts_logits_to_keep(model))
+
+
 @torch.no_grad()
-def _pass_logprobs(
-    model: nn.Module, batch: list[_Row], pad_id: int, packed: bool
-) -> list[tuple[tuple[int, int], float]]:
+def _pass_logprobs(scorer: _Model, batch: list[_Row], pad_id: int) -> list[tuple[tuple[int, int], float]]:
     """One forward pass: ((prompt, choice), summed log-probability) for every choice of `batch`."""
-    device = next(model.parameters()).device
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    inputs = {k: v.to(device) for k, v in _batch_inputs(batch, pad_id, dtype, packed).items()}
+    model, device, packed = scorer.module, scorer.device, scorer.packed
+    inputs = {k: v.to(device) for k, v in _batch_inputs(batch, pad_id, scorer.dtype, packed).items()}
     scored = _Scored.of(batch)
     rows, cols = scored.rows.to(device), scored.cols.to(device)
     if packed:
@@ -189,7 +202,7 @@ def _pass_logprobs(
         )
     else:
         width, first = inputs["input_ids"].shape[1], int(scored.cols.min())
-        if accepts_logits_to_keep(model):
+        if scorer.keeps_logits:
             inputs["logits_to_keep"] = width - first
         logits = model(**inputs, use_cache=False).logits  # no cache: nothing is generated
         logits = logits[rows, cols - (first if "logits_to_keep" in inputs else 0)]
@@ -221,11 +234,12 @@ def score(
     rows = sorted(_rows(tokenizer, prompts, max_length, packed), key=lambda r: -len(r.tokens))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_rows = None if batch_size == "auto" else int(batch_size)
+    scorer = _Model.of(model, packed)
 
     def run_passes(budget: int) -> list[list[float]]:
         scores = [[math.nan] * len(p.continuations) for p in prompts]
         for part in token_budget_passes([len(r.tokens) for r in rows], max_rows, budget):
-            for (prompt, choice), value in _pass_logprobs(model, rows[part], pad_id, packed):
+            for (prompt, choice), value in _pass_logprobs(scorer, rows[part], pad_id):
                 scores[prompt][choice] = value
             if on_progress:
                 on_progress(min(part.stop, len(rows)), len(rows))
